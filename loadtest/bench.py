@@ -1,0 +1,580 @@
+"""Data-plane benchmark: direct to the backends, our proxy and HAProxy, side by side.
+
+Run from the repository root::
+
+    python -m loadtest.bench                      # everything, about 1.5 minutes
+    python -m loadtest.bench --only direct,haproxy --duration 3
+
+See loadtest/README.md for the scenarios and the caveats. This is a benchmark, not a test: it
+never judges speed, but it exits 1 when a reference (direct or HAProxy) produced no clean result,
+and 2 when it could not set up at all (a missing tool, a failed build, a backend that won't start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from loadtest import ghz, h2load, procs, report, tools
+from loadtest.cpustat import CpuWindow
+from loadtest.report import NOT_AVAILABLE, SKIPPED, Row, Scenario
+from loadtest.stats import Measurement
+
+TARGETS = ("direct", "haproxy", "proxy")
+REFERENCES = ("direct", "haproxy")
+SCENARIO_KEYS = ("small", "large", "serial", "ghz")
+PROTO = tools.REPO / "protos" / "echo.proto"
+DEFAULT_PROXY_CMD = "{python} -m proxy serve --listen {listen} {backend_args}"
+SMALL = 16
+LARGE = 1 << 20
+GHZ_MIN_WARMUP_S = 0.5
+PROBE_TIMEOUT_S = 10.0
+
+
+class SetupError(Exception):
+    """The benchmark cannot run at all."""
+
+
+def scenarios(args: argparse.Namespace) -> list[Scenario]:
+    every = [
+        Scenario(
+            key="small",
+            title="small unary 16 B, c=8 m=16",
+            tool="h2load",
+            payload_size=SMALL,
+            clients=8,
+            streams=16,
+            latency_ratio=False,
+            count_share=1.0,
+        ),
+        Scenario(
+            key="large",
+            title="1 MiB unary, c=4 m=2",
+            tool="h2load",
+            payload_size=LARGE,
+            clients=4,
+            streams=2,
+            latency_ratio=False,
+            count_share=0.01,
+        ),
+        Scenario(
+            key="serial",
+            title="serial 16 B, c=1 m=1",
+            tool="h2load",
+            payload_size=SMALL,
+            clients=1,
+            streams=1,
+            latency_ratio=True,
+            count_share=0.1,
+            request_log=True,
+        ),
+        Scenario(
+            key="ghz",
+            title=f"ghz unary 16 B, c={args.ghz_concurrency}",
+            tool="ghz",
+            payload_size=SMALL,
+            clients=args.ghz_concurrency,
+            streams=1,
+            latency_ratio=False,
+            count_share=0.25,
+        ),
+    ]
+    return [s for s in every if s.key in args.scenarios]
+
+
+def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(allowed))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}")
+        return names
+
+    return parse
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench",
+        description="Direct vs our proxy vs HAProxy, h2load and ghz, one table.",
+    )
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per run")
+    parser.add_argument(
+        "-n",
+        "--requests",
+        type=int,
+        default=None,
+        help="fixed call counts instead of --duration: N calls in the small scenario, "
+        "N/4 with ghz, N/10 serial, N/100 of 1 MiB",
+    )
+    parser.add_argument(
+        "--only",
+        type=_names(TARGETS),
+        default=list(TARGETS),
+        help=f"comma-separated targets (default: {','.join(TARGETS)})",
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=_names(SCENARIO_KEYS),
+        default=list(SCENARIO_KEYS),
+        help=f"comma-separated scenarios (default: {','.join(SCENARIO_KEYS)})",
+    )
+    parser.add_argument("--backends", type=int, default=2, help="number of goecho backends")
+    parser.add_argument(
+        "--proxy-cmd",
+        default=DEFAULT_PROXY_CMD,
+        help="how to start our proxy; placeholders {python} {listen} {port} {backend_args} "
+        f"{{backends}} (comma-separated). Default: {DEFAULT_PROXY_CMD!r}",
+    )
+    parser.add_argument("--proxy-cpu", type=int, default=0, help="core for HAProxy / our proxy")
+    parser.add_argument("--load-cpu", type=int, default=1, help="core for backends and load")
+    parser.add_argument("--ghz-concurrency", type=int, default=16)
+    parser.add_argument("--startup-timeout", type=float, default=20.0)
+    parser.add_argument("--out", type=Path, default=tools.LOADTEST / "out")
+    args = parser.parse_args(argv)
+    if args.backends < 1:
+        parser.error("--backends must be at least 1")
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- setup ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tools:
+    h2load: str
+    haproxy: str | None
+    ghz: str | None
+    go: str | None
+    goecho: Path
+
+
+def find_tools(args: argparse.Namespace) -> Tools:
+    h2load_path = tools.find("h2load")
+    haproxy_path = tools.find("haproxy")
+    go = tools.find("go")
+    if h2load_path is None:
+        raise SetupError("h2load not found (Debian: nghttp2-client; see .ci/install-tools.sh)")
+    if "haproxy" in args.only and haproxy_path is None:
+        raise SetupError("haproxy not found (Debian: haproxy; see .ci/install-tools.sh)")
+    if go is None:
+        raise SetupError("go not found: it is needed to build loadtest/goecho")
+    log("building loadtest/goecho ...")
+    try:
+        goecho = tools.build_goecho(go)
+    except RuntimeError as exc:
+        raise SetupError(str(exc)) from exc
+    return Tools(h2load_path, haproxy_path, tools.find("ghz"), go, goecho)
+
+
+@dataclass(frozen=True)
+class Pinning:
+    proxy_cpu: int | None
+    load_cpu: int | None
+
+    def describe(self) -> str:
+        if self.proxy_cpu is None:
+            return "none (taskset missing or fewer than 2 usable cores): everything shares cores"
+        return (
+            f"HAProxy / our proxy on cpu {self.proxy_cpu}; backends and load generators "
+            f"(h2load -t 1, ghz) on cpu {self.load_cpu}"
+        )
+
+
+def choose_pinning(args: argparse.Namespace) -> Pinning:
+    usable = tools.find("taskset") is not None and args.proxy_cpu != args.load_cpu
+    cores = set(os.sched_getaffinity(0))
+    if usable and {args.proxy_cpu, args.load_cpu} <= cores:
+        return Pinning(args.proxy_cpu, args.load_cpu)
+    log("warning: not pinning to cores: " + Pinning(None, None).describe())
+    return Pinning(None, None)
+
+
+@dataclass
+class Backends:
+    addresses: list[str]
+    pids: list[int]
+
+
+def start_backends(
+    sup: procs.Supervisor, goecho: Path, count: int, cpu: int | None, timeout_s: float
+) -> Backends:
+    backends = Backends([], [])
+    for index in range(count):
+        port = procs.free_port()
+        address = f"127.0.0.1:{port}"
+        service = sup.start(f"goecho-{index}", procs.pinned([str(goecho), "-addr", address], cpu))
+        failure = procs.wait_for_port(service, port, timeout_s)
+        if failure is not None:
+            raise SetupError(f"{failure}\n{service.log_tail()}")
+        backends.addresses.append(address)
+        backends.pids.append(service.proc.pid)
+    log(f"backends: {', '.join(backends.addresses)}")
+    return backends
+
+
+# --- targets --------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Something to send load to: its address, the processes that serve it, or why it can't."""
+
+    name: str
+    address: str = ""
+    pids: list[int] = field(default_factory=list)
+    backend_pids: list[int] = field(default_factory=list)
+    failure: str | None = None
+    service: procs.Service | None = None
+
+
+HAPROXY_CONFIG = """\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-request 300s
+
+frontend grpc_in
+    bind {listen} proto h2
+    default_backend echo
+
+backend echo
+    balance roundrobin
+    http-reuse always
+{servers}
+"""
+
+
+def haproxy_config(listen: str, backends: Sequence[str]) -> str:
+    servers = "\n".join(f"    server b{i} {a} proto h2" for i, a in enumerate(backends))
+    return HAPROXY_CONFIG.format(listen=listen, servers=servers)
+
+
+def proxy_argv(template: str, listen: str, backends: Sequence[str]) -> list[str]:
+    fields = {
+        "python": shlex.quote(sys.executable),
+        "listen": listen,
+        "port": listen.rsplit(":", 1)[1],
+        "backend_args": " ".join(f"--backend {b}" for b in backends),
+        "backends": ",".join(backends),
+    }
+    return shlex.split(template.format(**fields))
+
+
+def launch(
+    sup: procs.Supervisor, name: str, argv: list[str], port: int, timeout_s: float
+) -> Target:
+    service = sup.start(name, argv)
+    target = Target(name, f"127.0.0.1:{port}", [service.proc.pid], service=service)
+    failure = procs.wait_for_port(service, port, timeout_s)
+    if failure is not None:
+        tail = service.log_tail(3).replace("\n", " / ")
+        target.failure = failure + (f" ({tail})" if tail else "")
+    return target
+
+
+def _log_hint(target: Target) -> str:
+    if target.service is None:
+        return ""
+    path = target.service.log_path
+    return f"; log: {path.relative_to(tools.REPO) if path.is_relative_to(tools.REPO) else path}"
+
+
+def start_target(
+    name: str, ctx: Context, sup: procs.Supervisor, backends: Backends, workdir: Path
+) -> Target:
+    if name == "direct":
+        return Target(name, backends.addresses[0], list(backends.pids), list(backends.pids))
+    port = procs.free_port()
+    listen = f"127.0.0.1:{port}"
+    if name == "haproxy":
+        assert ctx.tools.haproxy is not None
+        config = workdir / "haproxy.cfg"
+        config.write_text(haproxy_config(listen, backends.addresses))
+        argv = [ctx.tools.haproxy, "-db", "-f", str(config)]
+    else:
+        try:
+            argv = proxy_argv(ctx.args.proxy_cmd, listen, backends.addresses)
+        except (KeyError, IndexError, ValueError) as exc:
+            return Target(name, failure=f"bad --proxy-cmd: {exc}")
+    argv = procs.pinned(argv, ctx.pinning.proxy_cpu)
+    target = launch(sup, name, argv, port, ctx.args.startup_timeout)
+    target.backend_pids = list(backends.pids)
+    return target
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    args: argparse.Namespace
+    tools: Tools
+    pinning: Pinning
+    workdir: Path
+
+    def body(self, payload_size: int) -> Path:
+        path = self.workdir / f"body-{payload_size}.bin"
+        if not path.exists():
+            path.write_bytes(h2load.grpc_frame(payload_size))
+        return path
+
+
+def probe(ctx: Context, target: Target) -> str | None:
+    """A few serial echo calls through the target; None if all came back whole."""
+    load = h2load.Load(clients=1, streams=1, requests=8)
+    body = ctx.body(SMALL)
+    argv = h2load.argv(ctx.tools.h2load, f"http://{target.address}{h2load.PATH}", body, load, None)
+    done = procs.run(procs.pinned(argv, ctx.pinning.load_cpu), timeout_s=PROBE_TIMEOUT_S)
+    if done.timed_out:
+        return "probe calls timed out"
+    try:
+        found = h2load.problems(h2load.parse(done.stdout), body.stat().st_size)
+    except ValueError:
+        return f"probe failed: {(done.stderr or done.stdout).strip()[-200:]}"
+    return f"probe: {'; '.join(found)}" if found else None
+
+
+def _load_for(ctx: Context, scenario: Scenario, warmup: bool) -> tuple[float | None, int | None]:
+    """(duration, requests) for a run: timed by default, counted with -n."""
+    args = ctx.args
+    if args.requests is None:
+        return (args.warmup if warmup else args.duration), None
+    count = max(scenario.clients * scenario.streams, int(args.requests * scenario.count_share))
+    warmup_count = max(scenario.clients * scenario.streams, count // 10)
+    return None, (warmup_count if warmup else count)
+
+
+def _measured(
+    target: Target, ctx: Context, argv: list[str], budget_s: float
+) -> tuple[procs.Completed, CpuWindow]:
+    """Run a load generator while watching the CPU use of the target and of the load core."""
+    window = CpuWindow(target.pids, target.backend_pids, ctx.pinning.load_cpu)
+    window.start()
+    done = procs.run(procs.pinned(argv, ctx.pinning.load_cpu), budget_s, cwd=tools.REPO)
+    window.stop()
+    return done, window
+
+
+def _h2load_once(
+    ctx: Context, target: Target, scenario: Scenario, warmup: bool
+) -> tuple[procs.Completed, CpuWindow, Path | None]:
+    duration, requests = _load_for(ctx, scenario, warmup)
+    load = h2load.Load(scenario.clients, scenario.streams, duration, requests)
+    log_file = None
+    if scenario.request_log and not warmup:
+        log_file = ctx.workdir / "h2load-requests.log"
+    url = f"http://{target.address}{h2load.PATH}"
+    argv = h2load.argv(ctx.tools.h2load, url, ctx.body(scenario.payload_size), load, log_file)
+    done, window = _measured(target, ctx, argv, load.budget_s())
+    return done, window, log_file
+
+
+def run_h2load(ctx: Context, target: Target, scenario: Scenario) -> Row:
+    if ctx.args.requests is not None or ctx.args.warmup > 0:
+        warmup, _, _ = _h2load_once(ctx, target, scenario, warmup=True)
+        if warmup.timed_out:
+            return Row(scenario, target.name, NOT_AVAILABLE, "warm-up timed out", argv=warmup.argv)
+    done, window, log_file = _h2load_once(ctx, target, scenario, warmup=False)
+    if done.timed_out:
+        return Row(scenario, target.name, NOT_AVAILABLE, "h2load timed out", argv=done.argv)
+    try:
+        parsed = h2load.parse(done.stdout)
+    except ValueError:
+        note = f"h2load: {(done.stderr or done.stdout).strip()[-200:]}"
+        return Row(scenario, target.name, NOT_AVAILABLE, note, argv=done.argv)
+    response_size = ctx.body(scenario.payload_size).stat().st_size
+    measurement = h2load.measurement(parsed, log_file, response_size)
+    if log_file is not None:
+        log_file.unlink(missing_ok=True)
+    return _row(scenario, target, measurement, done.argv, window)
+
+
+def _row(
+    scenario: Scenario, target: Target, m: Measurement, argv: list[str], window: CpuWindow
+) -> Row:
+    row = report.from_measurement(scenario, target.name, m, argv)
+    row.target_cpu = window.target_share
+    row.load_cpu = window.load_core_busy
+    row.other_cpu = window.other_share
+    return row
+
+
+def _ghz_argv(ctx: Context, target: Target, scenario: Scenario, load: ghz.Load) -> list[str]:
+    assert ctx.tools.ghz is not None
+    return ghz.argv(ctx.tools.ghz, PROTO, target.address, scenario.payload_size, load)
+
+
+def _ghz_main_load(ctx: Context, scenario: Scenario, warmup: procs.Completed) -> ghz.Load:
+    """A call count for the measured ghz run. In timed mode it comes from the warm-up's rate:
+    ghz's own -z cuts the calls in flight at the end, and it reports them as errors."""
+    _, requests = _load_for(ctx, scenario, warmup=False)
+    if requests is None:
+        try:
+            rate = ghz.measurement(warmup.stdout).calls_per_s
+        except ValueError:
+            rate = 0.0
+        if rate <= 0:
+            return ghz.Load(scenario.clients, duration_s=ctx.args.duration)
+        requests = max(scenario.clients, int(rate * ctx.args.duration))
+    return ghz.Load(scenario.clients, requests=requests)
+
+
+def run_ghz(ctx: Context, target: Target, scenario: Scenario) -> Row:
+    if ctx.tools.ghz is None:
+        return Row(scenario, target.name, SKIPPED, "ghz not found")
+    if not PROTO.exists():
+        return Row(scenario, target.name, SKIPPED, f"{PROTO} not found")
+    duration, requests = _load_for(ctx, scenario, warmup=True)
+    if duration is not None:  # the warm-up also measures the rate: give it some time
+        duration = max(duration, GHZ_MIN_WARMUP_S)
+    warmup_load = ghz.Load(scenario.clients, duration, requests)
+    warmup = procs.run(
+        procs.pinned(_ghz_argv(ctx, target, scenario, warmup_load), ctx.pinning.load_cpu),
+        warmup_load.budget_s(),
+        cwd=tools.REPO,
+    )
+    load = _ghz_main_load(ctx, scenario, warmup)
+    done, window = _measured(target, ctx, _ghz_argv(ctx, target, scenario, load), load.budget_s())
+    if done.timed_out:
+        return Row(scenario, target.name, NOT_AVAILABLE, "ghz timed out", argv=done.argv)
+    try:
+        measurement = ghz.measurement(done.stdout)
+    except ValueError:
+        note = f"ghz: {(done.stderr or done.stdout).strip()[-200:]}"
+        return Row(scenario, target.name, NOT_AVAILABLE, note, argv=done.argv)
+    return _row(scenario, target, measurement, done.argv, window)
+
+
+def _exited(target: Target) -> str | None:
+    if target.service is None or target.service.proc.poll() is None:
+        return None
+    return f"{target.name} exited with status {target.service.proc.returncode}"
+
+
+def bench_target(ctx: Context, target: Target, chosen: Sequence[Scenario]) -> list[Row]:
+    failure = target.failure or probe(ctx, target)
+    rows: list[Row] = []
+    for scenario in chosen:
+        failure = failure or _exited(target)
+        if failure is not None:
+            rows.append(Row(scenario, target.name, NOT_AVAILABLE, failure + _log_hint(target)))
+            continue
+        log(f"[{target.name}] {scenario.title} ...")
+        run = run_ghz if scenario.tool == "ghz" else run_h2load
+        row = run(ctx, target, scenario)
+        m = row.measurement
+        rate = f"{m.calls_per_s:,.0f} calls/s" if m else ""
+        log(f"[{target.name}] {scenario.title}: {rate} {row.status} {row.note}".rstrip())
+        rows.append(row)
+    if failure is not None:
+        log(f"[{target.name}] n/a: {failure}{_log_hint(target)}")
+    return rows
+
+
+# --- the whole run --------------------------------------------------------------------------
+
+
+def metadata(ctx: Context, backends: int) -> dict[str, Any]:
+    t = ctx.tools
+    args = ctx.args
+    if args.requests is None:
+        runs = f"{args.duration:g} s each after a {args.warmup:g} s warm-up"
+    else:
+        runs = f"fixed counts from -n {args.requests}, each after a warm-up of a tenth of that"
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "machine": f"nproc {tools.nproc()}, {tools.cpu_model()}",
+        "tools": ", ".join(
+            [
+                tools.haproxy_version(t.haproxy) if t.haproxy else "HAProxy (not found)",
+                tools.h2load_version(t.h2load),
+                tools.ghz_version(t.ghz, t.go) if t.ghz else "ghz (not found)",
+                f"Python {sys.version.split()[0]}",
+            ]
+        ),
+        "backends": f"{backends} x loadtest/goecho (grpc-go "
+        f"{tools.go_module_version('google.golang.org/grpc')}, raw echo); direct = the first",
+        "pinning": ctx.pinning.describe(),
+        "runs": runs,
+        "proxy command": ctx.args.proxy_cmd,
+    }
+
+
+def reference_failures(rows: Sequence[Row]) -> list[Row]:
+    bad = (NOT_AVAILABLE, report.ERRORS)
+    return [r for r in rows if r.target in REFERENCES and r.status in bad]
+
+
+def run_all(ctx: Context, sup: procs.Supervisor) -> list[Row]:
+    backends = start_backends(
+        sup, ctx.tools.goecho, ctx.args.backends, ctx.pinning.load_cpu, ctx.args.startup_timeout
+    )
+    chosen = scenarios(ctx.args)
+    rows: list[Row] = []
+    for name in (t for t in TARGETS if t in ctx.args.only):
+        target = start_target(name, ctx, sup, backends, ctx.workdir)
+        try:
+            rows += bench_target(ctx, target, chosen)
+        finally:
+            if target.service is not None:
+                sup.stop(target.service)
+    return rows
+
+
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGHUP, _exit_on_sigterm)
+    try:
+        found = find_tools(args)
+        pinning = choose_pinning(args)
+        with (
+            tempfile.TemporaryDirectory(prefix="loadtest-") as tmp,
+            procs.Supervisor(args.out / "logs", tools.REPO) as sup,
+        ):
+            ctx = Context(args, found, pinning, Path(tmp))
+            rows = run_all(ctx, sup)
+            meta = metadata(ctx, args.backends)
+    except SetupError as exc:
+        log(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted: everything started was stopped")
+        return 130
+    report.add_ratios(rows)
+    print(report.write(args.out, rows, meta))
+    log(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}")
+    failures = reference_failures(rows)
+    for row in failures:
+        log(f"reference failed: {row.target} / {row.scenario.title}: {row.note}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

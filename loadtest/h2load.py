@@ -1,0 +1,166 @@
+"""Running h2load against a gRPC target and reading its report.
+
+h2load knows HTTP/2, not gRPC: it counts a response as a success on ``:status 200`` alone, and a
+gRPC error comes back as 200 with a ``grpc-status`` trailer and no message. So besides h2load's own
+failed/errored/timeout counts and status codes, each run checks that the response bodies add up
+to one echoed message per successful call: an error answer carries no DATA and shows up short.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from loadtest.stats import Measurement, percentile
+
+PATH = "/echo.Echo/UnaryEcho"
+HEADERS = ("content-type: application/grpc", "te: trailers")
+
+_FINISHED = re.compile(r"^finished in ([\d.]+)(us|ms|s), ([\d.]+) req/s", re.M)
+_REQUESTS = re.compile(
+    r"^requests: (?P<total>\d+) total, (?P<started>\d+) started, (?P<done>\d+) done, "
+    r"(?P<succeeded>\d+) succeeded, (?P<failed>\d+) failed, (?P<errored>\d+) errored, "
+    r"(?P<timeout>\d+) timeout",
+    re.M,
+)
+_STATUS = re.compile(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", re.M)
+_TRAFFIC = re.compile(r"^traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers.*?\((\d+)\) data", re.M)
+_REQUEST_TIME = re.compile(r"^time for request:\s+(\S+)\s+(\S+)\s+(\S+)", re.M)
+_UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def grpc_frame(payload_size: int) -> bytes:
+    """One uncompressed gRPC message: flag byte, big-endian length, payload."""
+    return b"\x00" + struct.pack(">I", payload_size) + b"x" * payload_size
+
+
+@dataclass(frozen=True)
+class Load:
+    """How hard and how long to push: h2load's -c, -m and either -D or -n."""
+
+    clients: int
+    streams: int
+    duration_s: float | None = None
+    requests: int | None = None
+
+    def budget_s(self) -> float:
+        """A generous bound on the wall time of the run, to kill a hung one."""
+        if self.duration_s is not None:
+            return self.duration_s + 30
+        return 300
+
+
+def argv(h2load: str, url: str, body: Path, load: Load, log_file: Path | None) -> list[str]:
+    args = [h2load, "-t", "1", "-c", str(load.clients), "-m", str(load.streams)]
+    if load.duration_s is not None:
+        args += ["-D", f"{load.duration_s:g}"]
+    else:
+        args += ["-n", str(load.requests or 1)]
+    for header in HEADERS:
+        args += ["-H", header]
+    args += ["-d", str(body)]
+    if log_file is not None:
+        args += ["--log-file", str(log_file)]
+    return [*args, url]
+
+
+def _duration_us(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if match is None:
+        raise ValueError(f"unexpected h2load duration {text!r}")
+    return float(match.group(1)) * _UNIT_US[match.group(2)]
+
+
+def _search(pattern: re.Pattern[str], output: str) -> re.Match[str]:
+    match = pattern.search(output)
+    if match is None:
+        raise ValueError(f"h2load output lacks {pattern.pattern!r}")
+    return match
+
+
+@dataclass(frozen=True)
+class Report:
+    """The figures h2load prints at the end of a run."""
+
+    elapsed_us: float
+    req_per_s: float
+    started: int
+    done: int
+    succeeded: int
+    failed: int
+    errored: int
+    timeout: int
+    status_2xx: int
+    status_other: int
+    data_bytes: int
+    mean_us: float
+
+
+def parse(output: str) -> Report:
+    finished = _search(_FINISHED, output)
+    requests = {k: int(v) for k, v in _search(_REQUESTS, output).groupdict().items()}
+    status = [int(v) for v in _search(_STATUS, output).groups()]
+    traffic = _search(_TRAFFIC, output)
+    request_time = _search(_REQUEST_TIME, output)
+    return Report(
+        elapsed_us=float(finished.group(1)) * _UNIT_US[finished.group(2)],
+        req_per_s=float(finished.group(3)),
+        started=requests["started"],
+        done=requests["done"],
+        succeeded=requests["succeeded"],
+        failed=requests["failed"],
+        errored=requests["errored"],
+        timeout=requests["timeout"],
+        status_2xx=status[0],
+        status_other=sum(status[1:]),
+        data_bytes=int(traffic.group(3)),
+        mean_us=_duration_us(request_time.group(3)),
+    )
+
+
+def problems(report: Report, response_size: int) -> list[str]:
+    """Everything that says the run did not go cleanly."""
+    found: list[str] = []
+    if report.succeeded == 0:
+        found.append("no call succeeded")
+    counts = (("failed", report.failed), ("errored", report.errored))
+    found += [f"{n} {what}" for what, n in (*counts, ("timed out", report.timeout)) if n]
+    if report.status_other:
+        found.append(f"{report.status_other} non-2xx responses")
+    # Responses still in flight when a timed run stops may add partial bodies, never remove any.
+    missing = report.succeeded * response_size - report.data_bytes
+    if missing > 0:
+        found.append(f"~{-(-missing // response_size)} responses without the echoed message")
+    return found
+
+
+def latencies_us(log_file: Path) -> list[float]:
+    """Per-request times from h2load's --log-file (third column, microseconds), ascending."""
+    values: list[float] = []
+    try:
+        with log_file.open() as lines:
+            for line in lines:
+                columns = line.split("\t")
+                if len(columns) >= 3 and columns[1] == "200":
+                    values.append(float(columns[2]))
+    except OSError:
+        return []
+    values.sort()
+    return values
+
+
+def measurement(report: Report, log_file: Path | None, response_size: int) -> Measurement:
+    """A Measurement from h2load's report, with percentiles if there is a per-request log."""
+    times = latencies_us(log_file) if log_file is not None else []
+    mean = sum(times) / len(times) if times else report.mean_us
+    return Measurement(
+        calls=report.succeeded,
+        calls_per_s=report.req_per_s,  # h2load's figure: succeeded calls over the run time
+        mean_us=mean,
+        p50_us=percentile(times, 50),
+        p99_us=percentile(times, 99),
+        problems=problems(report, response_size),
+        raw={"h2load": report.__dict__, "logged_requests": len(times)},
+    )

@@ -1,0 +1,1 @@
+"""Balancing policies: pure functions of (pool snapshot, call headers) -> endpoint."""

@@ -1,0 +1,363 @@
+"""Echo backend: a gRPC server whose behaviour is driven by request metadata.
+
+Every call gets initial metadata ``x-backend: <name>`` and every response carries
+``backend=<name>``. Request metadata understood by every method:
+
+``x-echo-status: <int>``
+    Abort with this status code (1..16; 0 means no abort) and details
+    ``x-echo-message`` (default ``"echo status <code>"``). Trailers carry
+    ``grpc-status-details-bin``: a ``google.rpc.Status`` (see :func:`status_details`).
+    Without ``x-echo-fail-after`` the abort happens at the start of the call.
+``x-echo-fail-after: <n>``
+    Abort after ``n`` messages: responses sent (server and bidi streaming) or requests
+    received (client streaming); 0 also works for unary. The code is ``x-echo-status``
+    if given, else INTERNAL.
+``x-echo-delay-ms: <n>``
+    Sleep before doing anything else (ends early if the call is cancelled).
+``x-echo-interval-ms: <n>``
+    ServerStreamingEcho: sleep between responses.
+``x-echo-meta-*``
+    Echoed byte-exact in both initial and trailing metadata (``-bin`` keys too).
+
+ClientStreamingEcho answers with the concatenated messages, an empty payload and the
+total number of payload bytes received in trailer ``x-echo-payload-bytes``.
+
+Calls that end cancelled (client cancel, deadline, connection loss) are counted in
+:attr:`EchoServicer.cancelled_calls` and logged as ``cancelled <method>`` so that tests
+driving a subprocess backend can observe them on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from types import FrameType
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proxy.echo import echo_pb2, echo_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "echo.Echo"
+META_PREFIX = "x-echo-meta-"
+# Lets a test push a 64 MiB payload through without tuning the client side of the backend.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # grpc enables SO_REUSEPORT by default, which would let two backends silently share
+    # a port picked by a racing test; we want the second bind to fail instead.
+    ("grpc.so_reuseport", 0),
+]
+
+Metadata = list[tuple[str, str | bytes]]
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def _len_field(number: int, data: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def status_details(code: int, message: str, backend: str) -> bytes:
+    """Serialize the ``google.rpc.Status`` the backend sends as ``grpc-status-details-bin``.
+
+    It holds ``code``, ``message`` and one detail: a ``google.protobuf.Any`` packing an
+    ``echo.EchoResponse`` whose ``backend`` names the server. Encoded by hand because
+    googleapis-common-protos is not a dependency.
+    """
+    detail = echo_pb2.EchoResponse(backend=backend).SerializeToString()
+    any_msg = _len_field(1, b"type.googleapis.com/echo.EchoResponse") + _len_field(2, detail)
+    code_field = _varint(1 << 3) + _varint(code) if code else b""
+    return code_field + _len_field(2, message.encode()) + _len_field(3, any_msg)
+
+
+class _Call:
+    """Per-call state: parsed metadata plus the hooks that detect cancellation."""
+
+    def __init__(self, servicer: EchoServicer, context: grpc.ServicerContext, method: str):
+        self.servicer = servicer
+        self.context = context
+        self.method = method
+        raw: Metadata = list(context.invocation_metadata() or ())
+        self.echoed: Metadata = [(k, v) for k, v in raw if k.startswith(META_PREFIX)]
+        self.headers = {k: v for k, v in raw if isinstance(v, str)}
+        self.fail_after = self.int_header("x-echo-fail-after", -1)
+        self.ended = threading.Event()
+        # Set once the handler has decided how the call ends; a termination callback
+        # that runs before that means the call was cancelled under us.
+        self.finished = False
+        servicer._call_started()
+        if not context.add_callback(self._on_done):
+            self._on_done()  # already terminated (cancelled before we got here)
+        context.send_initial_metadata([("x-backend", servicer.name), *self.echoed])
+        context.set_trailing_metadata(self.echoed)
+
+    def int_header(self, key: str, default: int) -> int:
+        value = self.headers.get(key)
+        return default if value is None else int(value)
+
+    def _on_done(self) -> None:
+        self.ended.set()
+        if not self.finished:
+            self.servicer._call_cancelled(self.method)
+
+    def sleep_ms(self, ms: int) -> bool:
+        """Sleep unless the call ends first; returns False if it ended (caller bails out)."""
+        return ms <= 0 or not self.ended.wait(ms / 1000)
+
+    def start(self) -> bool:
+        """Apply the delay and the immediate status; False means the call is gone."""
+        if not self.sleep_ms(self.int_header("x-echo-delay-ms", 0)):
+            return False
+        if self.fail_after < 0 and self.int_header("x-echo-status", 0):
+            self.abort()
+        self.check_fail(0)
+        return True
+
+    def check_fail(self, messages: int) -> None:
+        """Abort if ``x-echo-fail-after`` says the call dies after ``messages`` messages."""
+        if messages == self.fail_after:
+            self.abort(grpc.StatusCode.INTERNAL, f"failed after {messages} messages")
+
+    def abort(
+        self, default: grpc.StatusCode = grpc.StatusCode.UNKNOWN, message: str = ""
+    ) -> NoReturn:
+        status = self.int_header("x-echo-status", 0)
+        code = _CODES[status] if status else default
+        text = self.headers.get("x-echo-message") or message or f"echo status {code.value[0]}"
+        details = status_details(code.value[0], text, self.servicer.name)
+        self.context.set_trailing_metadata([*self.echoed, ("grpc-status-details-bin", details)])
+        self.finished = True
+        self.context.abort(code, text)
+        raise AssertionError("unreachable: context.abort raises")  # grpc is untyped
+
+    def reply(self, message: str, payload: bytes) -> echo_pb2.EchoResponse:
+        return echo_pb2.EchoResponse(message=message, payload=payload, backend=self.servicer.name)
+
+    def done(self) -> None:
+        self.finished = True
+
+
+class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]  # generated base is untyped
+    """Implements ``echo.Echo``; thread-safe, one instance per server."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._calls = 0
+        self._cancelled = 0
+
+    @property
+    def calls(self) -> int:
+        """Number of calls that reached a handler."""
+        with self._cond:
+            return self._calls
+
+    @property
+    def cancelled_calls(self) -> int:
+        """Number of calls that ended cancelled before the handler finished them."""
+        with self._cond:
+            return self._cancelled
+
+    def wait_for_cancelled(self, count: int = 1, timeout: float = 5.0) -> bool:
+        """Block until at least ``count`` calls ended cancelled; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._cancelled >= count, timeout)
+
+    def _call_started(self) -> None:
+        with self._cond:
+            self._calls += 1
+
+    def _call_cancelled(self, method: str) -> None:
+        with self._cond:
+            self._cancelled += 1
+            self._cond.notify_all()
+        log.info("cancelled %s backend=%s", method, self.name)
+
+    def UnaryEcho(
+        self, request: echo_pb2.EchoRequest, context: grpc.ServicerContext
+    ) -> echo_pb2.EchoResponse:
+        call = _Call(self, context, "/echo.Echo/UnaryEcho")
+        if not call.start():
+            return echo_pb2.EchoResponse()
+        call.done()
+        return call.reply(request.message, request.payload)
+
+    def ServerStreamingEcho(
+        self, request: echo_pb2.EchoRequest, context: grpc.ServicerContext
+    ) -> Iterator[echo_pb2.EchoResponse]:
+        call = _Call(self, context, "/echo.Echo/ServerStreamingEcho")
+        if not call.start():
+            return
+        interval = call.int_header("x-echo-interval-ms", 0)
+        for sent in range(max(request.count, 1)):
+            if sent and not call.sleep_ms(interval):
+                return
+            yield call.reply(request.message, request.payload)
+            call.check_fail(sent + 1)
+        call.done()
+
+    def ClientStreamingEcho(
+        self, request_iterator: Iterable[echo_pb2.EchoRequest], context: grpc.ServicerContext
+    ) -> echo_pb2.EchoResponse:
+        call = _Call(self, context, "/echo.Echo/ClientStreamingEcho")
+        if not call.start():
+            return echo_pb2.EchoResponse()
+        messages: list[str] = []
+        payload_bytes = 0
+        for request in request_iterator:
+            messages.append(request.message)
+            payload_bytes += len(request.payload)
+            call.check_fail(len(messages))
+        context.set_trailing_metadata([*call.echoed, ("x-echo-payload-bytes", str(payload_bytes))])
+        call.done()
+        return call.reply("".join(messages), b"")
+
+    def BidirectionalStreamingEcho(
+        self, request_iterator: Iterable[echo_pb2.EchoRequest], context: grpc.ServicerContext
+    ) -> Iterator[echo_pb2.EchoResponse]:
+        call = _Call(self, context, "/echo.Echo/BidirectionalStreamingEcho")
+        if not call.start():
+            return
+        for sent, request in enumerate(request_iterator, start=1):
+            yield call.reply(request.message, request.payload)
+            call.check_fail(sent)
+        call.done()
+
+
+class EchoServer(grpc.Server):  # type: ignore[misc]  # grpc is untyped
+    """A started ``grpc.Server`` running an :class:`EchoServicer`, plus its address.
+
+    Delegates the ``grpc.Server`` API to the real server so callers can treat it as one.
+    """
+
+    def __init__(self, server: grpc.Server, servicer: EchoServicer, host: str, port: int):
+        self.server = server
+        self.servicer = servicer
+        self.host = host
+        self.port = port
+
+    @property
+    def name(self) -> str:
+        """The name reported in ``x-backend`` and ``EchoResponse.backend``."""
+        return self.servicer.name
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to dial (IPv6 hosts bracketed)."""
+        return f"{_bracket(self.host)}:{self.port}"
+
+    @property
+    def cancelled_calls(self) -> int:
+        """See :attr:`EchoServicer.cancelled_calls`."""
+        return self.servicer.cancelled_calls
+
+    def wait_for_cancelled(self, count: int = 1, timeout: float = 5.0) -> bool:
+        """See :meth:`EchoServicer.wait_for_cancelled`."""
+        return self.servicer.wait_for_cancelled(count, timeout)
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
+        self.server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
+        self.server.add_registered_method_handlers(service_name, method_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return int(self.server.add_insecure_port(address))
+
+    def add_secure_port(self, address: str, server_credentials: Any) -> int:
+        return int(self.server.add_secure_port(address, server_credentials))
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        event: threading.Event = self.server.stop(grace)
+        return event
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.server.wait_for_termination(timeout))
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def serve(
+    port: int, host: str = "127.0.0.1", name: str | None = None, max_workers: int = 64
+) -> tuple[EchoServer, int]:
+    """Start an echo backend on ``host:port`` (0 picks a free port) and return it with its port.
+
+    ``name`` defaults to ``host:port``. Each in-flight call holds one of ``max_workers``
+    threads (streams included), so raise it for load tests with many open streams.
+    Stop it with ``server.stop(grace)``.
+    """
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="echo"),
+        options=SERVER_OPTIONS,
+    )
+    bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    if not bound:
+        raise OSError(f"echo backend could not bind {host}:{port}")
+    servicer = EchoServicer(name or f"{_bracket(host)}:{bound}")
+    echo_pb2_grpc.add_EchoServicer_to_server(servicer, server)
+
+    health_servicer = health.HealthServicer()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+    server.start()
+    return EchoServer(server, servicer, host, bound), bound
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m proxy.echo.server --port N [--host H] [--name NAME] [--workers W]``."""
+    parser = argparse.ArgumentParser(description="Echo gRPC backend for proxy tests")
+    parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--name", default=None, help="backend name (default host:port)")
+    parser.add_argument("--workers", type=int, default=64, help="max concurrent calls")
+    args = parser.parse_args(argv)
+    # stderr carries the "cancelled ..." lines that subprocess tests look for.
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    server, port = serve(args.port, args.host, args.name, args.workers)
+    # Printed only once the server accepts calls: launchers wait for this line.
+    print(f"listening {_bracket(args.host)}:{port}", flush=True)
+    stop.wait()
+    server.stop(grace=1.0).wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""HPACK through the `hpack` package, with caches keyed on the dynamic table's generation.
+
+Decoding or encoding a header block with `hpack` costs tens of microseconds; a gRPC connection
+sends the same few blocks over and over. A block is a pure function of its bytes and the
+dynamic table's state, so a (generation, bytes) key is exact as long as the generation changes
+on every change of the table: each insertion, eviction and size update bumps it. Only blocks
+whose processing left the table untouched are cached, since replaying a cached result must not
+skip a table change. The table's *length* would not do as a key: one insertion plus one
+eviction leaves the length as it was and the contents different.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from hpack import Decoder, Encoder
+from hpack.table import HeaderTable
+
+from proxy.h2.events import HeaderList
+
+_CACHE_MAX: Final = 256
+_BLOCK_MAX: Final = 4096  # bigger blocks are rare and not worth keeping
+
+
+class GenerationTable(HeaderTable):  # type: ignore[misc]
+    """A HeaderTable that counts its changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generation = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.generation += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return int(self._maxsize)
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.generation += 1
+        HeaderTable.maxsize.fset(self, newmax)
+
+
+class CachingDecoder:
+    def __init__(self, max_header_list_size: int, max_table_size: int = 4096) -> None:
+        self._decoder = Decoder(max_header_list_size=max_header_list_size)
+        self._table = GenerationTable()
+        self._decoder.header_table = self._table
+        self._decoder.max_allowed_table_size = max_table_size
+        self._cache: dict[tuple[int, bytes], HeaderList] = {}
+
+    def decode(self, block: bytes) -> HeaderList:
+        """Raises hpack.HPACKError subclasses on a malformed block or an oversized list."""
+        key = (self._table.generation, block)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        headers: HeaderList = self._decoder.decode(block, raw=True)
+        if self._table.generation == key[0] and len(block) <= _BLOCK_MAX:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = headers
+        return headers
+
+
+class CachingEncoder:
+    def __init__(self) -> None:
+        self._encoder = Encoder()
+        self._table = GenerationTable()
+        self._encoder.header_table = self._table
+        self._cache: dict[tuple[int, tuple[tuple[bytes, bytes], ...]], bytes] = {}
+
+    def set_max_table_size(self, size: int) -> None:
+        # The peer's SETTINGS_HEADER_TABLE_SIZE bounds our table; we never grow past 4096 so
+        # that a peer cannot make us hold more state than a default connection.
+        size = min(size, 4096)
+        if size != self._table.maxsize:
+            self._encoder.header_table_size = size
+
+    def encode(self, headers: HeaderList) -> bytes:
+        # The tuple keeps HeaderTuple subclasses, so never-indexed fields stay never-indexed
+        # and do not share a cache entry with their indexable twins.
+        key = (self._table.generation, tuple(headers))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        resized = self._table.resized
+        block: bytes = self._encoder.encode(headers, huffman=True)
+        if self._table.generation == key[0] and not resized and len(block) <= _BLOCK_MAX:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = block
+        return block

@@ -1,0 +1,1 @@
+"""Backends: the endpoints of each target (from static flags or etcd) and pooled connections."""

@@ -1,0 +1,201 @@
+"""Pooled HTTP/2 connections to backends, opened on demand and shared by many calls.
+
+Per backend address: connections are opened when a call needs one and none has room; another
+is opened when the backend's MAX_CONCURRENT_STREAMS is reached; a connection that got GOAWAY
+takes no new streams and closes once its streams finish. A failed connect puts the address in
+exponential backoff (with jitter), which balancing avoids while other backends are usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from proxy.h2.limits import Limits
+from proxy.relay.flusher import Flusher
+from proxy.relay.upstream import BackendConnection, State
+from proxy.units import SECONDS
+
+if TYPE_CHECKING:
+    from proxy.relay.call import Call
+
+log = structlog.get_logger("proxy.pool")
+
+# Streams we expect a connection still being set up to take before its SETTINGS arrive.
+_ASSUMED_CAPACITY: Final = 100
+
+
+class Backoff:
+    """Exponential backoff with full jitter on the upper half (gRPC's connection backoff
+    shape: base 1 s, x1.6, cap 120 s; ours starts lower because a proxy retries elsewhere)."""
+
+    def __init__(self, base_s: float = 0.1, cap_s: float = 10.0, factor: float = 1.6) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.factor = factor
+
+    def delay(self, failures: int) -> float:
+        d = min(self.cap_s, self.base_s * self.factor ** max(0, failures - 1))
+        return d / 2 + random.random() * d / 2
+
+
+class EndpointConnections:
+    def __init__(self, pool: BackendPool, address: str) -> None:
+        self.pool = pool
+        self.address = address
+        host, _, port = address.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self.conns: list[BackendConnection] = []
+        self.backlog: list[Call] = []
+        self.failures = 0
+        self.retry_at = 0.0
+        self.retired = False
+
+    def usable(self, now: float) -> bool:
+        return now >= self.retry_at
+
+    def attach(self, call: Call) -> None:
+        for conn in self.conns:
+            if conn.has_capacity:
+                conn.open(call)
+                return
+        for conn in self.conns:
+            if conn.state is State.CONNECTING and len(conn.waiting) < _ASSUMED_CAPACITY:
+                conn.waiting.append(call)
+                call.parked_in = conn.waiting
+                return
+        if len(self.conns) < self.pool.max_connections_per_backend:
+            conn = self._connect()
+            conn.waiting.append(call)
+            call.parked_in = conn.waiting
+            return
+        self.park(call)
+
+    def park(self, call: Call) -> None:
+        """Every connection is full: wait for a stream to finish."""
+        self.backlog.append(call)
+        call.parked_in = self.backlog
+
+    def _connect(self) -> BackendConnection:
+        conn = BackendConnection(self, self.pool.flusher, self.pool.limits)
+        self.conns.append(conn)
+        self.pool.spawn(self._run_connect(conn), f"connect {self.address}")
+        return conn
+
+    async def _run_connect(self, conn: BackendConnection) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.pool.connect_timeout_s):
+                transport, _ = await loop.create_connection(lambda: conn, self.host, self.port)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, TimeoutError) as exc:
+            reason = "connect timed out" if isinstance(exc, TimeoutError) else (
+                f"connect failed: {exc.strerror or exc}")  # fmt: skip
+            self.failures += 1
+            delay = self.pool.backoff.delay(self.failures)
+            self.retry_at = loop.time() + delay
+            log.warning("backend_connect_failed", backend=self.address, reason=reason,
+                        failures=self.failures, retry_in_s=round(delay, 3))  # fmt: skip
+            if conn in self.conns:
+                self.conns.remove(conn)
+            conn.connect_failed(reason)
+            return
+        self.failures = 0
+        self.retry_at = 0.0
+
+    def stream_finished(self, conn: BackendConnection) -> None:
+        while self.backlog and conn.has_capacity:
+            call = self.backlog.pop(0)
+            call.parked_in = None
+            if not call.finished:
+                conn.open(call)
+        if conn.state is State.DRAINING and not conn.calls:
+            conn.close()
+        elif self.retired and not conn.calls:
+            conn.close()
+
+    def capacity_changed(self, conn: BackendConnection) -> None:
+        self.stream_finished(conn)
+
+    def connection_draining(self, conn: BackendConnection) -> None:
+        # New calls must not pick it; those parked for room go to a fresh connection.
+        backlog, self.backlog = self.backlog, []
+        for call in backlog:
+            call.parked_in = None
+            if not call.finished:
+                self.attach(call)
+
+    def connection_closed(self, conn: BackendConnection) -> None:
+        if conn in self.conns:
+            self.conns.remove(conn)
+        if not self.conns and self.backlog:
+            backlog, self.backlog = self.backlog, []
+            for call in backlog:
+                call.parked_in = None
+                call.retry_or_fail("connection closed before the call could start")
+
+    def close_idle(self) -> None:
+        for conn in list(self.conns):
+            if not conn.calls and conn.state is not State.CONNECTING:
+                conn.close()
+
+
+class BackendPool:
+    def __init__(
+        self,
+        flusher: Flusher,
+        limits: Limits,
+        connect_timeout_s: float = 5 * SECONDS,
+        max_connections_per_backend: int = 16,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.flusher = flusher
+        self.limits = limits
+        self.connect_timeout_s = connect_timeout_s
+        self.max_connections_per_backend = max_connections_per_backend
+        self.backoff = backoff or Backoff()
+        self.endpoints: dict[str, EndpointConnections] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def get(self, address: str) -> EndpointConnections:
+        ep = self.endpoints.get(address)
+        if ep is None:
+            ep = self.endpoints[address] = EndpointConnections(self, address)
+        return ep
+
+    def usable(self, address: str, now: float) -> bool:
+        ep = self.endpoints.get(address)
+        return ep is None or ep.usable(now)
+
+    def spawn(self, coro: asyncio.Future[None] | object, name: str) -> None:
+        """Tasks are owned here (named, referenced) and cancelled on close."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def retain(self, addresses: frozenset[str]) -> None:
+        """Backends no longer in any pool: finish their streams, then close their connections."""
+        for address, ep in list(self.endpoints.items()):
+            if address in addresses:
+                ep.retired = False
+                continue
+            ep.retired = True
+            ep.close_idle()
+            if not ep.conns:
+                del self.endpoints[address]
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for ep in self.endpoints.values():
+            for conn in list(ep.conns):
+                conn.close()

@@ -1,0 +1,1 @@
+"""The relay: binds each client stream to a backend stream and moves bytes between them."""

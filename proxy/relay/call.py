@@ -1,0 +1,300 @@
+"""One gRPC call: a client stream bound to a backend stream.
+
+Theory of operation
+-------------------
+The call picks a backend, attaches to a pooled backend connection (at once, or when it is
+connected), and then moves bytes: request DATA from the client goes out on the backend stream,
+response HEADERS, DATA and trailers come back. Bytes are acknowledged to the side they came
+from (WINDOW_UPDATE) only when they have been written towards the other side, so a slow
+reader holds back its own stream and nothing else; what waits in between is bounded by the
+stream windows.
+
+Until the backend answers, the call keeps a copy of the request bytes it sent (up to
+`replay_limit`). A call that reached no application code -- the connection could not be made,
+the backend refused the stream (REFUSED_STREAM), or the stream was above a GOAWAY's last id --
+is then replayed on another backend; only when every attempt fails does the client get
+UNAVAILABLE. Once response headers arrive, the copy is dropped and a failure is final.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from proxy.h2.errors import ErrorCode, error_code_name
+from proxy.h2.events import HeaderList
+from proxy.relay.grpc_status import Status, status_for_reset, trailers, trailers_only
+
+if TYPE_CHECKING:
+    from proxy.h2.connection import Connection
+    from proxy.pool.endpoints import Endpoint
+    from proxy.relay.upstream import BackendConnection
+
+
+class ClientSide(Protocol):
+    """What a call needs of the client connection it belongs to."""
+
+    h2: Connection
+
+    def mark(self) -> None: ...
+
+    def call_finished(self, stream_id: int) -> None: ...
+
+
+class CallRouter(Protocol):
+    """What a call needs of the proxy: where to go next, and the way to get there."""
+
+    def pick(self, call: Call) -> Endpoint | str:
+        """An endpoint for this call (not one it tried), or the reason there is none."""
+        ...
+
+    def attach(self, endpoint: Endpoint, call: Call) -> None: ...
+
+    @property
+    def max_attempts(self) -> int: ...
+
+    @property
+    def replay_limit(self) -> int: ...
+
+
+class Call:
+    __slots__ = (
+        "acked",
+        "attempts",
+        "bsid",
+        "client",
+        "csid",
+        "endpoint",
+        "errors",
+        "finished",
+        "headers",
+        "parked_in",
+        "replay",
+        "replay_len",
+        "request_ended",
+        "request_trailers",
+        "response_started",
+        "router",
+        "sent",
+        "tried",
+        "unsent",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        client: ClientSide,
+        stream_id: int,
+        headers: HeaderList,
+        end_stream: bool,
+        router: CallRouter,
+    ) -> None:
+        self.client = client
+        self.csid = stream_id
+        self.headers = headers
+        self.request_ended = end_stream
+        self.request_trailers: HeaderList | None = None
+        self.router = router
+        self.upstream: BackendConnection | None = None
+        self.endpoint: Endpoint | None = None
+        self.bsid = 0
+        self.unsent: list[bytes] = []  # request bytes not yet handed to a backend stream
+        self.replay: list[bytes] | None = []  # handed over on this attempt, kept for a retry
+        self.replay_len = 0
+        self.sent = 0  # bytes written to the backend on this attempt
+        self.acked = 0  # bytes acknowledged to the client, over all attempts
+        self.response_started = False
+        self.finished = False
+        self.attempts = 0
+        self.tried: set[str] = set()
+        self.errors: list[str] = []
+        self.parked_in: list[Call] | None = None
+
+    @property
+    def path(self) -> bytes:
+        for name, value in self.headers:
+            if name == b":path":
+                return value
+        return b""
+
+    # ------------------------------------------------------------------ choosing a backend
+
+    def start(self) -> None:
+        picked = self.router.pick(self)
+        if isinstance(picked, str):
+            self.fail(Status.UNAVAILABLE, picked)
+            return
+        self.attempts += 1
+        self.endpoint = picked
+        self.tried.add(picked.address)
+        self.router.attach(picked, self)
+
+    def retry_or_fail(self, reason: str) -> None:
+        """The attempt reached no application code: try another backend, if allowed."""
+        if self.finished:
+            return
+        address = self.endpoint.address if self.endpoint else "?"
+        self.errors.append(f"{address}: {reason}")
+        self.upstream = None
+        self.bsid = 0
+        if self.replay is None:
+            self.fail(Status.UNAVAILABLE, f"backend {address} refused the call ({reason}) and the "
+                      "request was too large to replay on another backend")  # fmt: skip
+            return
+        if self.replay:
+            self.unsent[:0] = self.replay
+            self.replay = []
+            self.replay_len = 0
+        self.sent = 0
+        if self.attempts >= self.router.max_attempts:
+            self.fail(Status.UNAVAILABLE, self._no_backend_message())
+            return
+        picked = self.router.pick(self)
+        if isinstance(picked, str):
+            self.fail(Status.UNAVAILABLE, self._no_backend_message())
+            return
+        self.attempts += 1
+        self.endpoint = picked
+        self.tried.add(picked.address)
+        self.router.attach(picked, self)
+
+    def _no_backend_message(self) -> str:
+        return "no backend reachable for " + self.path.decode("latin-1") + ": " + "; ".join(
+            self.errors
+        )
+
+    # ------------------------------------------------------------------ backend side events
+
+    def on_stream_opened(self, upstream: BackendConnection, bsid: int) -> None:
+        """The backend stream exists (its HEADERS are queued): send what the client sent."""
+        self.upstream = upstream
+        self.bsid = bsid
+        self.parked_in = None
+        if self.unsent:
+            chunks, self.unsent = self.unsent, []
+            last = len(chunks) - 1
+            for i, chunk in enumerate(chunks):
+                self._send_request_bytes(chunk, self.request_ended and i == last and
+                                         self.request_trailers is None)  # fmt: skip
+        if self.request_trailers is not None:
+            upstream.h2.send_headers(bsid, self.request_trailers, True)
+
+    def _send_request_bytes(self, data: bytes, end_stream: bool) -> None:
+        up = self.upstream
+        assert up is not None
+        if self.replay is not None:
+            self.replay_len += len(data)
+            if self.replay_len <= self.router.replay_limit:
+                self.replay.append(data)
+            else:
+                self.replay = None  # too big to replay: a refusal now fails the call
+        flushed = up.h2.send_data(self.bsid, data, end_stream)
+        if flushed:
+            self.on_upstream_flushed(flushed)
+        up.mark()
+
+    def on_upstream_flushed(self, length: int) -> None:
+        """Request bytes left for the backend: the client may send that much more."""
+        self.sent += length
+        if self.sent > self.acked:
+            self.client.h2.ack_data(self.csid, self.sent - self.acked)
+            self.acked = self.sent
+            self.client.mark()
+
+    def on_response_headers(self, headers: HeaderList, end_stream: bool) -> None:
+        self.response_started = True
+        self.replay = None
+        self.client.h2.send_headers(self.csid, headers, end_stream)
+        self.client.mark()
+        if end_stream:
+            self._finish()
+
+    def on_response_data(self, data: bytes, end_stream: bool) -> None:
+        client = self.client
+        flushed = client.h2.send_data(self.csid, data, end_stream)
+        if flushed:
+            self.on_client_flushed(flushed)
+        client.mark()
+        if end_stream:
+            self._finish()
+
+    def on_response_trailers(self, headers: HeaderList) -> None:
+        self.client.h2.send_headers(self.csid, headers, True)
+        self.client.mark()
+        self._finish()
+
+    def on_backend_reset(self, code: int, remote: bool) -> None:
+        if remote and code == ErrorCode.REFUSED_STREAM and not self.response_started:
+            self.retry_or_fail("refused the stream (REFUSED_STREAM)")
+            return
+        who = "backend" if remote else "proxy"
+        self.fail(
+            status_for_reset(code),
+            f"{who} reset the stream ({error_code_name(code)}) at {self._backend_name()}",
+        )
+
+    def on_upstream_lost(self, reason: str) -> None:
+        self.fail(Status.UNAVAILABLE, f"backend {self._backend_name()} {reason}")
+
+    def _backend_name(self) -> str:
+        return self.endpoint.address if self.endpoint else "?"
+
+    # ------------------------------------------------------------------ client side events
+
+    def on_request_data(self, data: bytes, end_stream: bool) -> None:
+        if end_stream:
+            self.request_ended = True
+        if self.upstream is None:
+            if data:
+                self.unsent.append(data)
+            return
+        self._send_request_bytes(data, end_stream)
+
+    def on_request_trailers(self, headers: HeaderList) -> None:
+        self.request_ended = True
+        if self.upstream is None:
+            self.request_trailers = headers
+            return
+        self.upstream.h2.send_headers(self.bsid, headers, True)
+        self.upstream.mark()
+
+    def on_client_flushed(self, length: int) -> None:
+        """Response bytes reached the client's socket: the backend may send that much more."""
+        up = self.upstream
+        if up is not None and self.bsid:
+            up.h2.ack_data(self.bsid, length)
+            up.mark()
+
+    def on_client_reset(self, code: int) -> None:
+        """The client cancelled (RST_STREAM) or went away: cancel the backend stream."""
+        self.finished = True
+        if self.parked_in is not None:
+            try:
+                self.parked_in.remove(self)
+            except ValueError:
+                pass
+            self.parked_in = None
+        up = self.upstream
+        if up is not None:
+            up.cancel(self)
+
+    # ------------------------------------------------------------------ ending
+
+    def fail(self, status: Status, message: str) -> None:
+        """End the call with a gRPC error of the proxy's own, and let the backend stream go."""
+        if self.finished:
+            return
+        h2 = self.client.h2
+        if self.response_started:
+            h2.send_headers(self.csid, trailers(status, message), True)
+        else:
+            h2.send_headers(self.csid, trailers_only(status, message), True)
+        self.client.mark()
+        up = self.upstream
+        if up is not None:
+            up.cancel(self)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.replay = None
+        self.client.call_finished(self.csid)

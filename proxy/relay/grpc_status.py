@@ -1,0 +1,65 @@
+"""gRPC responses the proxy makes itself, and how HTTP/2 resets map to gRPC codes.
+
+See grpc/doc/PROTOCOL-HTTP2.md ("Errors") and http-grpc-status-mapping.md.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Final
+
+from proxy.h2.errors import ErrorCode
+from proxy.h2.events import HeaderList
+
+
+class Status(IntEnum):
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+_RESET_TO_STATUS: Final = {
+    ErrorCode.CANCEL: Status.CANCELLED,
+    ErrorCode.REFUSED_STREAM: Status.UNAVAILABLE,
+    ErrorCode.ENHANCE_YOUR_CALM: Status.RESOURCE_EXHAUSTED,
+    ErrorCode.INADEQUATE_SECURITY: Status.PERMISSION_DENIED,
+}
+
+
+def status_for_reset(code: int) -> Status:
+    return _RESET_TO_STATUS.get(code, Status.INTERNAL)  # type: ignore[call-overload]
+
+
+def percent_encode(message: str) -> bytes:
+    """grpc-message encoding: printable ASCII except '%' as is, the rest as %XX of UTF-8."""
+    out = bytearray()
+    for byte in message.encode("utf-8"):
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+def trailers(status: Status, message: str) -> HeaderList:
+    return [(b"grpc-status", b"%d" % status), (b"grpc-message", percent_encode(message))]
+
+
+def trailers_only(status: Status, message: str) -> HeaderList:
+    """A whole response in one HEADERS frame with END_STREAM: what a gRPC server sends when it
+    fails a call before any message."""
+    return [(b":status", b"200"), (b"content-type", b"application/grpc"), *trailers(status, message)]

@@ -1,0 +1,130 @@
+"""The proxy: a listener, the backend pool, routing and balancing, tied together.
+
+ProxyServer is what every Call asks "where next?" (`pick`) and "get me there" (`attach`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import Counter
+from dataclasses import dataclass
+
+import structlog
+
+from proxy.balancing.round_robin import RoundRobin
+from proxy.h2.errors import FloodError, H2ConnectionError
+from proxy.h2.limits import Limits
+from proxy.pool.connections import BackendPool
+from proxy.pool.endpoints import Endpoint
+from proxy.relay.call import Call
+from proxy.relay.downstream import Downstream
+from proxy.relay.flusher import Flusher
+from proxy.routing import Router, service_of
+from proxy.units import SECONDS
+
+log = structlog.get_logger("proxy.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    max_attempts: int = 3  # the first try plus retries of calls that reached no backend code
+    replay_limit: int = 256 * 1024  # request bytes kept for such a retry
+    connect_timeout_s: float = 5 * SECONDS
+    max_connections_per_backend: int = 16
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        router: Router,
+        limits: Limits | None = None,
+        options: ServerOptions | None = None,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.router = router
+        self.limits = limits or Limits()
+        self.options = options or ServerOptions()
+        self.flusher = Flusher(self.loop)
+        self.pool = BackendPool(
+            self.flusher,
+            self.limits,
+            connect_timeout_s=self.options.connect_timeout_s,
+            max_connections_per_backend=self.options.max_connections_per_backend,
+        )
+        self.balancer = RoundRobin()
+        self.connections: set[Downstream] = set()
+        self.connection_errors: Counter[str] = Counter()
+        self._servers: list[asyncio.Server] = []
+        for target_pool in router.pools():
+            target_pool.subscribe(lambda _snap: self._pools_changed())
+
+    # ------------------------------------------------------------------ CallRouter
+
+    @property
+    def max_attempts(self) -> int:
+        return self.options.max_attempts
+
+    @property
+    def replay_limit(self) -> int:
+        return self.options.replay_limit
+
+    def pick(self, call: Call) -> Endpoint | str:
+        path = call.path
+        target = self.router.route(path)
+        if target is None:
+            return f"no route for service {service_of(path)!r}"
+        snap = target.snapshot
+        if not snap.endpoints:
+            return f"no backend for target {target.target!r}: {snap.reason}"
+        now = self.loop.time()
+        pool = self.pool
+        endpoint = self.balancer.pick(
+            snap, call.headers, call.tried, lambda address: pool.usable(address, now)
+        )
+        if endpoint is None:
+            return call._no_backend_message()
+        return endpoint
+
+    def attach(self, endpoint: Endpoint, call: Call) -> None:
+        self.pool.get(endpoint.address).attach(call)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _pools_changed(self) -> None:
+        live: set[str] = set()
+        for target_pool in self.router.pools():
+            live |= target_pool.snapshot.addresses
+        self.pool.retain(frozenset(live))
+
+    def count_connection_error(self, exc: H2ConnectionError) -> None:
+        key = exc.limit if isinstance(exc, FloodError) else exc.code.name
+        self.connection_errors[key] += 1
+
+    async def listen(self, host: str, port: int) -> list[tuple[str, int]]:
+        server = await self.loop.create_server(
+            lambda: Downstream(self), host, port, reuse_address=True, backlog=1024
+        )
+        self._servers.append(server)
+        bound = []
+        for sock in server.sockets:
+            with_nodelay(sock)
+            addr = sock.getsockname()
+            bound.append((addr[0], addr[1]))
+        log.info("listening", addresses=[f"{h}:{p}" for h, p in bound])
+        return bound
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        await self.pool.close()
+
+
+def with_nodelay(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass

@@ -1,0 +1,186 @@
+"""The backend-facing side: one pooled HTTP/2 connection to one backend, shared by many calls.
+
+States: CONNECTING (calls wait in `waiting`), READY (new streams open at once), DRAINING (the
+backend sent GOAWAY: streams it accepted finish, new calls go to another connection), CLOSED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import structlog
+
+from proxy.h2.connection import Connection, Role
+from proxy.h2.errors import ErrorCode, H2ConnectionError, error_code_name
+from proxy.h2.events import (
+    DataFlushed,
+    DataReceived,
+    GoAwayReceived,
+    HeadersReceived,
+    SettingsChanged,
+    StreamReset,
+)
+from proxy.h2.limits import Limits
+from proxy.relay.flusher import Flusher
+from proxy.relay.protocol import H2Protocol
+
+if TYPE_CHECKING:
+    from proxy.pool.connections import EndpointConnections
+    from proxy.relay.call import Call
+
+log = structlog.get_logger("proxy.upstream")
+
+
+class State(Enum):
+    CONNECTING = 1
+    READY = 2
+    DRAINING = 3
+    CLOSED = 4
+
+
+class BackendConnection(H2Protocol):
+    def __init__(self, owner: EndpointConnections, flusher: Flusher, limits: Limits) -> None:
+        super().__init__(flusher)
+        self.owner = owner
+        self.limits = limits
+        self.state = State.CONNECTING
+        self.calls: dict[int, Call] = {}
+        self.waiting: list[Call] = []
+        self.h2 = Connection(Role.CLIENT, limits)
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.state is State.READY and self.h2.can_open_stream
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.state = State.READY
+        waiting, self.waiting = self.waiting, []
+        for call in waiting:
+            if call.finished:
+                continue
+            if self.h2.can_open_stream:
+                self.open(call)
+            else:
+                self.owner.park(call)
+        self.mark()
+
+    def connect_failed(self, reason: str) -> None:
+        self.state = State.CLOSED
+        self.closed = True
+        waiting, self.waiting = self.waiting, []
+        for call in waiting:
+            call.parked_in = None
+            call.retry_or_fail(reason)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_ready = self.state is not State.CLOSED
+        self.state = State.CLOSED
+        self.closed = True
+        self.owner.connection_closed(self)
+        if not was_ready:
+            return
+        reason = f"connection lost ({exc})" if exc else "closed the connection"
+        calls, self.calls = self.calls, {}
+        for call in calls.values():
+            call.on_upstream_lost(reason)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.flush()
+            self.transport.close()
+
+    # ------------------------------------------------------------------ streams
+
+    def open(self, call: Call) -> None:
+        end_stream = call.request_ended and not call.unsent and call.request_trailers is None
+        sid = self.h2.open_stream(call.headers, end_stream)
+        self.calls[sid] = call
+        call.on_stream_opened(self, sid)
+        self.mark()
+
+    def cancel(self, call: Call) -> None:
+        """The call is over on the client side: reset its backend stream if still open."""
+        sid = call.bsid
+        if self.calls.pop(sid, None) is not None:
+            self.h2.reset_stream(sid, ErrorCode.CANCEL)
+            self.mark()
+            self.owner.stream_finished(self)
+
+    def _end_stream(self, sid: int) -> None:
+        self.calls.pop(sid, None)
+        if sid in self.h2.streams:
+            # The response ended before the request: the rest of the request is unwanted.
+            self.h2.reset_stream(sid, ErrorCode.CANCEL)
+        self.owner.stream_finished(self)
+
+    # ------------------------------------------------------------------ input
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except H2ConnectionError as exc:
+            log.warning("backend_protocol_error", backend=self.owner.address,
+                        code=exc.code.name, reason=exc.message)  # fmt: skip
+            if self.transport is not None:
+                self.transport.write(self.h2.close_with_error(exc))
+                self.transport.close()
+            self.closed = True
+            return
+        calls = self.calls
+        for ev in events:
+            kind = type(ev)
+            if kind is DataReceived:
+                call = calls.get(ev.stream_id)
+                if call is not None:
+                    call.on_response_data(ev.data, ev.end_stream)
+                    if ev.end_stream:
+                        self._end_stream(ev.stream_id)
+                elif ev.data:
+                    self.h2.ack_data(ev.stream_id, len(ev.data))
+            elif kind is HeadersReceived:
+                call = calls.get(ev.stream_id)
+                if call is None:
+                    continue
+                if ev.is_trailers:
+                    call.on_response_trailers(ev.headers)
+                else:
+                    call.on_response_headers(ev.headers, ev.end_stream)
+                if ev.end_stream:
+                    self._end_stream(ev.stream_id)
+            elif kind is DataFlushed:
+                call = calls.get(ev.stream_id)
+                if call is not None:
+                    call.on_upstream_flushed(ev.length)
+            elif kind is StreamReset:
+                call = calls.pop(ev.stream_id, None)
+                if call is not None:
+                    self.owner.stream_finished(self)
+                    call.on_backend_reset(ev.error_code, ev.remote)
+            elif kind is GoAwayReceived:
+                self._receive_goaway(ev.last_stream_id, ev.error_code)
+            elif kind is SettingsChanged:
+                self.owner.capacity_changed(self)
+        self.mark()
+
+    def _receive_goaway(self, last_stream_id: int, code: int) -> None:
+        log.info("backend_goaway", backend=self.owner.address, last_stream_id=last_stream_id,
+                 code=error_code_name(code))  # fmt: skip
+        self.state = State.DRAINING
+        self.owner.connection_draining(self)
+        # Streams above the last id never reached the application: replay them elsewhere.
+        for sid in [s for s in self.calls if s > last_stream_id]:
+            call = self.calls.pop(sid)
+            self.h2.reset_stream(sid, ErrorCode.CANCEL)
+            call.retry_or_fail(f"GOAWAY ({error_code_name(code)}) above stream {last_stream_id}")
+        if not self.calls:
+            self.close()
+
+    def data_flushed(self, stream_id: int, length: int) -> None:
+        call = self.calls.get(stream_id)
+        if call is not None:
+            call.on_upstream_flushed(length)

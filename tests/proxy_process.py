@@ -1,0 +1,173 @@
+"""Run the proxy (``python -m proxy ...``) as a subprocess for black-box tests.
+
+Import as ``from proxy_process import start_proxy`` (``tests/`` is on ``sys.path`` under
+pytest, see ``tests/backends.py``).
+
+Usage::
+
+    from proxy_process import start_proxy
+
+    with start_proxy(["serve", "--backend", f"127.0.0.1:{backend_port}"]) as (proc, port):
+        ...  # the proxy accepts TCP connections on 127.0.0.1:port
+
+If ``args`` has no ``--listen``, a free port is picked and ``--listen 127.0.0.1:PORT`` is
+appended.  The proxy prints nothing guaranteed, so readiness means "its port accepts a TCP
+connection".  Its stdout and stderr go to temporary files; they are printed (so pytest
+shows them) when the proxy fails to start, exits early, or the ``with`` body raises, and
+:func:`proxy_output` reads them at any time.  At exit the proxy gets SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# pid -> (stdout path, stderr path) of the proxies started by start_proxy and still running.
+_OUTPUTS: dict[int, tuple[Path, Path]] = {}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(
+    host: str,
+    port: int,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until ``host:port`` accepts TCP connections; raise if ``proc`` dies first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before listening")
+        if port_accepts(host, port):
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{host}:{port} did not accept connections within {timeout}s")
+        time.sleep(0.05)
+
+
+def listen_address(args: list[str]) -> str | None:
+    """The value of ``--listen`` in ``args`` (``--listen X`` or ``--listen=X``), if any."""
+    for i, arg in enumerate(args):
+        if arg == "--listen" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--listen="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "*"):
+        host = "127.0.0.1" if host != "::" else "::1"
+    return host, int(port)
+
+
+def proxy_output(proc: subprocess.Popen[bytes]) -> str:
+    """What the proxy has printed so far (stdout, then stderr)."""
+    paths = _OUTPUTS.get(proc.pid)
+    if paths is None:
+        return ""
+    stdout_path, stderr_path = paths
+    out = stdout_path.read_text(errors="replace")
+    err = stderr_path.read_text(errors="replace")
+    return f"--- proxy stdout ---\n{out}--- proxy stderr ---\n{err}"
+
+
+def _dump(proc: subprocess.Popen[bytes], why: str) -> None:
+    print(f"=== proxy (pid {proc.pid}) {why}; command: {proc.args!r}", file=sys.stderr)
+    print(proxy_output(proc), file=sys.stderr, flush=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
+
+
+@contextlib.contextmanager
+def start_proxy(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 20.0,
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Start ``python -m proxy *args``, wait for its port, yield ``(Popen, port)``."""
+    args = list(args)
+    address = listen_address(args)
+    if address is None:
+        host, port = "127.0.0.1", free_port()
+        args += ["--listen", f"{host}:{port}"]
+    else:
+        host, port = split_host_port(address)
+
+    full_env = dict(os.environ if env is None else env)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    # Make `python -m proxy` import this checkout even without an editable install.
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p
+    )
+
+    with tempfile.TemporaryDirectory(prefix="proxy-test-") as tmp:
+        stdout_path = Path(tmp) / "stdout.log"
+        stderr_path = Path(tmp) / "stderr.log"
+        with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy", *args],
+                cwd=REPO_ROOT,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        _OUTPUTS[proc.pid] = (stdout_path, stderr_path)
+        try:
+            try:
+                wait_for_port(host, port, startup_timeout, proc)
+            except (RuntimeError, TimeoutError) as exc:
+                _dump(proc, f"failed to start: {exc}")
+                raise RuntimeError(
+                    f"proxy failed to start on {host}:{port}: {exc}\n{proxy_output(proc)}"
+                ) from None
+            try:
+                yield proc, port
+            except (GeneratorExit, pytest.skip.Exception):
+                raise
+            except BaseException:
+                _dump(proc, "output at the time of the failure")
+                raise
+            if proc.poll() is not None:
+                _dump(proc, f"exited early with code {proc.returncode}")
+        finally:
+            stop_process(proc)
+            _OUTPUTS.pop(proc.pid, None)
