@@ -57,24 +57,51 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("--listen", type=parse_hostport, default=parse_hostport(DEFAULT_LISTEN),
-                       metavar="HOST:PORT", help=f"listen address (default {DEFAULT_LISTEN})")  # fmt: skip
-    serve.add_argument("--backend", type=_address, action="append", default=[],
-                       metavar="HOST:PORT", help="a static backend (repeatable)")  # fmt: skip
-    serve.add_argument("--max-concurrent-streams", type=_positive_int,
-                       default=_LIMITS.max_concurrent_streams, metavar="N",
-                       help="streams per client connection (default %(default)s)")  # fmt: skip
-    serve.add_argument("--max-header-list-size", type=_positive_int,
-                       default=_LIMITS.max_header_list_size, metavar="BYTES",
-                       help="decoded header list limit (default %(default)s)")  # fmt: skip
-    serve.add_argument("--stream-window", type=_positive_int, default=_LIMITS.stream_window,
-                       metavar="BYTES", help="per-stream flow-control window, the most "
-                       "buffered per stream and direction (default %(default)s)")  # fmt: skip
-    serve.add_argument("--max-attempts", type=_positive_int, default=_OPTIONS.max_attempts,
-                       metavar="N", help="backends tried for a call that reached none "
-                       "(default %(default)s)")  # fmt: skip
-    serve.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])  # fmt: skip
+    serve.add_argument(
+        "--listen",
+        type=parse_hostport,
+        default=parse_hostport(DEFAULT_LISTEN),
+        metavar="HOST:PORT",
+        help=f"listen on (default {DEFAULT_LISTEN})",
+    )
+    serve.add_argument(
+        "--backend",
+        type=_address,
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a static backend (repeatable)",
+    )
+    serve.add_argument(
+        "--max-concurrent-streams",
+        type=_positive_int,
+        default=_LIMITS.max_concurrent_streams,
+        metavar="N",
+        help="streams per client connection (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-header-list-size",
+        type=_positive_int,
+        default=_LIMITS.max_header_list_size,
+        metavar="BYTES",
+        help="decoded header list limit (default %(default)s)",
+    )
+    serve.add_argument(
+        "--stream-window",
+        type=_positive_int,
+        default=_LIMITS.stream_window,
+        metavar="BYTES",
+        help="per-stream flow-control window, the most "
+        "buffered per stream and direction (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=_OPTIONS.max_attempts,
+        metavar="N",
+        help="backends tried for a call that reached none (default %(default)s)",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 

@@ -286,9 +286,8 @@ class Connection:
             self._reset(sid, ErrorCode.FLOW_CONTROL_ERROR, ev)
             return
         end_stream = bool(flags & fr.FLAG_END_STREAM)
-        if not payload:
-            if not end_stream and self._empty.hit():
-                raise FloodError("empty_frames", "too many empty DATA frames")
+        if not payload and not end_stream and self._empty.hit():
+            raise FloodError("empty_frames", "too many empty DATA frames")
         st.unacked += flow_len - len(payload)  # padding is ours to return at once
         if st.expected_length >= 0:
             st.received_length += len(payload)
@@ -303,9 +302,7 @@ class Connection:
                 self._close(st, Closed.BY_END_STREAM)
         ev.append(DataReceived(sid, payload, end_stream))
 
-    def _receive_headers_frame(
-        self, flags: int, sid: int, payload: bytes, ev: list[Event]
-    ) -> None:
+    def _receive_headers_frame(self, flags: int, sid: int, payload: bytes, ev: list[Event]) -> None:
         if sid == 0:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
         start, stop = 0, len(payload)
@@ -358,9 +355,13 @@ class Connection:
         except OversizedHeaderListError as exc:
             raise FloodError("header_list_size", f"header list too large: {exc}") from exc
         except HPACKError as exc:
-            raise H2ConnectionError(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
+            raise H2ConnectionError(
+                ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}"
+            ) from exc
         except (IndexError, ValueError, TypeError) as exc:  # hpack's edge cases on garbage
-            raise H2ConnectionError(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}") from exc
+            raise H2ConnectionError(
+                ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}"
+            ) from exc
 
     def _receive_header_block(
         self, sid: int, flags: int, block: bytes, bad_priority: bool, ev: list[Event]
@@ -539,9 +540,7 @@ class Connection:
             raise FloodError("ping", "too many PING frames")
         self._send_control(fr.ping(payload, ack=True))
 
-    def _receive_goaway_frame(
-        self, flags: int, sid: int, payload: bytes, ev: list[Event]
-    ) -> None:
+    def _receive_goaway_frame(self, flags: int, sid: int, payload: bytes, ev: list[Event]) -> None:
         if sid != 0:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
         if len(payload) < 8:

@@ -98,13 +98,21 @@ class EndpointConnections:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, TimeoutError) as exc:
-            reason = "connect timed out" if isinstance(exc, TimeoutError) else (
-                f"connect failed: {exc.strerror or exc}")  # fmt: skip
+            reason = (
+                "connect timed out"
+                if isinstance(exc, TimeoutError)
+                else (f"connect failed: {exc.strerror or exc}")
+            )
             self.failures += 1
             delay = self.pool.backoff.delay(self.failures)
             self.retry_at = loop.time() + delay
-            log.warning("backend_connect_failed", backend=self.address, reason=reason,
-                        failures=self.failures, retry_in_s=round(delay, 3))  # fmt: skip
+            log.warning(
+                "backend_connect_failed",
+                backend=self.address,
+                reason=reason,
+                failures=self.failures,
+                retry_in_s=round(delay, 3),
+            )
             if conn in self.conns:
                 self.conns.remove(conn)
             conn.connect_failed(reason)
@@ -118,9 +126,7 @@ class EndpointConnections:
             call.parked_in = None
             if not call.finished:
                 conn.open(call)
-        if conn.state is State.DRAINING and not conn.calls:
-            conn.close()
-        elif self.retired and not conn.calls:
+        if (conn.state is State.DRAINING and not conn.calls) or (self.retired and not conn.calls):
             conn.close()
 
     def capacity_changed(self, conn: BackendConnection) -> None:

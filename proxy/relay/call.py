@@ -18,6 +18,7 @@ UNAVAILABLE. Once response headers arrive, the copy is dropped and a failure is 
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.h2.errors import ErrorCode, error_code_name
@@ -137,8 +138,11 @@ class Call:
         self.upstream = None
         self.bsid = 0
         if self.replay is None:
-            self.fail(Status.UNAVAILABLE, f"backend {address} refused the call ({reason}) and the "
-                      "request was too large to replay on another backend")  # fmt: skip
+            self.fail(
+                Status.UNAVAILABLE,
+                f"backend {address} refused the call ({reason}) and the "
+                "request was too large to replay on another backend",
+            )
             return
         if self.replay:
             self.unsent[:0] = self.replay
@@ -158,8 +162,11 @@ class Call:
         self.router.attach(picked, self)
 
     def _no_backend_message(self) -> str:
-        return "no backend reachable for " + self.path.decode("latin-1") + ": " + "; ".join(
-            self.errors
+        return (
+            "no backend reachable for "
+            + self.path.decode("latin-1")
+            + ": "
+            + "; ".join(self.errors)
         )
 
     # ------------------------------------------------------------------ backend side events
@@ -173,8 +180,9 @@ class Call:
             chunks, self.unsent = self.unsent, []
             last = len(chunks) - 1
             for i, chunk in enumerate(chunks):
-                self._send_request_bytes(chunk, self.request_ended and i == last and
-                                         self.request_trailers is None)  # fmt: skip
+                self._send_request_bytes(
+                    chunk, self.request_ended and i == last and self.request_trailers is None
+                )
         if self.request_trailers is not None:
             upstream.h2.send_headers(bsid, self.request_trailers, True)
 
@@ -268,10 +276,8 @@ class Call:
         """The client cancelled (RST_STREAM) or went away: cancel the backend stream."""
         self.finished = True
         if self.parked_in is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 self.parked_in.remove(self)
-            except ValueError:
-                pass
             self.parked_in = None
         up = self.upstream
         if up is not None:

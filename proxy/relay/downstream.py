@@ -66,21 +66,25 @@ class Downstream(H2Protocol):
             return
         except H2ConnectionError as exc:
             limit = exc.limit if isinstance(exc, FloodError) else None
-            log.warning("client_protocol_error", peer=self.peer, code=exc.code.name,
-                        reason=exc.message, limit=limit)  # fmt: skip
+            log.warning(
+                "client_protocol_error",
+                peer=self.peer,
+                code=exc.code.name,
+                reason=exc.message,
+                limit=limit,
+            )
             self.server.count_connection_error(exc)
             self._abort(self.h2.close_with_error(exc))
             return
         calls = self.calls
         for ev in events:
-            kind = type(ev)
-            if kind is DataReceived:
+            if isinstance(ev, DataReceived):
                 call = calls.get(ev.stream_id)
                 if call is not None:
                     call.on_request_data(ev.data, ev.end_stream)
                 elif ev.data:
                     self.h2.ack_data(ev.stream_id, len(ev.data))  # nobody to give it to
-            elif kind is HeadersReceived:
+            elif isinstance(ev, HeadersReceived):
                 if ev.is_trailers:
                     call = calls.get(ev.stream_id)
                     if call is not None:
@@ -89,15 +93,15 @@ class Downstream(H2Protocol):
                     call = Call(self, ev.stream_id, ev.headers, ev.end_stream, self.server)
                     calls[ev.stream_id] = call
                     call.start()
-            elif kind is DataFlushed:
+            elif isinstance(ev, DataFlushed):
                 call = calls.get(ev.stream_id)
                 if call is not None:
                     call.on_client_flushed(ev.length)
-            elif kind is StreamReset:
+            elif isinstance(ev, StreamReset):
                 call = calls.pop(ev.stream_id, None)
                 if call is not None:
                     call.on_client_reset(ev.error_code)
-            elif kind is GoAwayReceived:
+            elif isinstance(ev, GoAwayReceived):
                 pass  # the client opens no more streams; the ones it has finish
         self.mark()
 

@@ -32,7 +32,7 @@ class Status(IntEnum):
     UNAUTHENTICATED = 16
 
 
-_RESET_TO_STATUS: Final = {
+_RESET_TO_STATUS: Final[dict[int, Status]] = {
     ErrorCode.CANCEL: Status.CANCELLED,
     ErrorCode.REFUSED_STREAM: Status.UNAVAILABLE,
     ErrorCode.ENHANCE_YOUR_CALM: Status.RESOURCE_EXHAUSTED,
@@ -41,7 +41,7 @@ _RESET_TO_STATUS: Final = {
 
 
 def status_for_reset(code: int) -> Status:
-    return _RESET_TO_STATUS.get(code, Status.INTERNAL)  # type: ignore[call-overload]
+    return _RESET_TO_STATUS.get(code, Status.INTERNAL)
 
 
 def percent_encode(message: str) -> bytes:
@@ -62,4 +62,8 @@ def trailers(status: Status, message: str) -> HeaderList:
 def trailers_only(status: Status, message: str) -> HeaderList:
     """A whole response in one HEADERS frame with END_STREAM: what a gRPC server sends when it
     fails a call before any message."""
-    return [(b":status", b"200"), (b"content-type", b"application/grpc"), *trailers(status, message)]
+    return [
+        (b":status", b"200"),
+        (b"content-type", b"application/grpc"),
+        *trailers(status, message),
+    ]

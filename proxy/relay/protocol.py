@@ -41,7 +41,7 @@ class H2Protocol(asyncio.Protocol):
 
     def on_flushed_events(self, events: list[Event]) -> None:
         for ev in events:
-            if type(ev) is DataFlushed:
+            if isinstance(ev, DataFlushed):
                 self.data_flushed(ev.stream_id, ev.length)
 
     def data_flushed(self, stream_id: int, length: int) -> None:

@@ -6,6 +6,7 @@ ProxyServer is what every Call asks "where next?" (`pick`) and "get me there" (`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -124,7 +125,5 @@ class ProxyServer:
 
 
 def with_nodelay(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass

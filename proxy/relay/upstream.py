@@ -124,8 +124,12 @@ class BackendConnection(H2Protocol):
         try:
             events = self.h2.receive_data(data)
         except H2ConnectionError as exc:
-            log.warning("backend_protocol_error", backend=self.owner.address,
-                        code=exc.code.name, reason=exc.message)  # fmt: skip
+            log.warning(
+                "backend_protocol_error",
+                backend=self.owner.address,
+                code=exc.code.name,
+                reason=exc.message,
+            )
             if self.transport is not None:
                 self.transport.write(self.h2.close_with_error(exc))
                 self.transport.close()
@@ -133,8 +137,7 @@ class BackendConnection(H2Protocol):
             return
         calls = self.calls
         for ev in events:
-            kind = type(ev)
-            if kind is DataReceived:
+            if isinstance(ev, DataReceived):
                 call = calls.get(ev.stream_id)
                 if call is not None:
                     call.on_response_data(ev.data, ev.end_stream)
@@ -142,7 +145,7 @@ class BackendConnection(H2Protocol):
                         self._end_stream(ev.stream_id)
                 elif ev.data:
                     self.h2.ack_data(ev.stream_id, len(ev.data))
-            elif kind is HeadersReceived:
+            elif isinstance(ev, HeadersReceived):
                 call = calls.get(ev.stream_id)
                 if call is None:
                     continue
@@ -152,24 +155,28 @@ class BackendConnection(H2Protocol):
                     call.on_response_headers(ev.headers, ev.end_stream)
                 if ev.end_stream:
                     self._end_stream(ev.stream_id)
-            elif kind is DataFlushed:
+            elif isinstance(ev, DataFlushed):
                 call = calls.get(ev.stream_id)
                 if call is not None:
                     call.on_upstream_flushed(ev.length)
-            elif kind is StreamReset:
+            elif isinstance(ev, StreamReset):
                 call = calls.pop(ev.stream_id, None)
                 if call is not None:
                     self.owner.stream_finished(self)
                     call.on_backend_reset(ev.error_code, ev.remote)
-            elif kind is GoAwayReceived:
+            elif isinstance(ev, GoAwayReceived):
                 self._receive_goaway(ev.last_stream_id, ev.error_code)
-            elif kind is SettingsChanged:
+            elif isinstance(ev, SettingsChanged):
                 self.owner.capacity_changed(self)
         self.mark()
 
     def _receive_goaway(self, last_stream_id: int, code: int) -> None:
-        log.info("backend_goaway", backend=self.owner.address, last_stream_id=last_stream_id,
-                 code=error_code_name(code))  # fmt: skip
+        log.info(
+            "backend_goaway",
+            backend=self.owner.address,
+            last_stream_id=last_stream_id,
+            code=error_code_name(code),
+        )
         self.state = State.DRAINING
         self.owner.connection_draining(self)
         # Streams above the last id never reached the application: replay them elsewhere.
