@@ -102,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="backends tried for a call that reached none (default %(default)s)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    demo = sub.add_parser(
+        "demo", help="three echo backends, the proxy and a client that calls it, in one process"
+    )
+    demo.add_argument(
+        "--listen",
+        type=parse_hostport,
+        default=parse_hostport(DEFAULT_LISTEN),
+        metavar="HOST:PORT",
+        help=f"the proxy listens on (default {DEFAULT_LISTEN})",
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="exit 0 after S seconds (default: run until Ctrl-C)",
+    )
     return parser
 
 
@@ -157,5 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.backend:
             parser.error("serve: give at least one --backend HOST:PORT")
         return run(serve, args)
+    if args.command == "demo":
+        if args.duration is not None and not 0 < args.duration < float("inf"):
+            parser.error("demo: --duration must be a positive number of seconds")
+        from proxy.demo import demo  # imports grpcio, which `serve` does not need
+
+        return run(demo, args)
     parser.error(f"unknown command {args.command!r}")
     return 2

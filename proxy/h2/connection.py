@@ -60,6 +60,7 @@ _HTTP1_METHODS: Final = (
     b"TRACE ",
 )  # fmt: skip
 _RECENTLY_CLOSED_MAX: Final = 1024
+_UNLIMITED: Final = 1 << 62
 
 
 class Role(Enum):
@@ -134,10 +135,17 @@ class Connection:
 
         self._write_paused = False
         self._queued_control = 0
-        self._pings = RateCounter(lim.max_pings_per_s, clock)
-        self._settings = RateCounter(lim.max_settings_per_s, clock)
-        self._empty = RateCounter(lim.max_empty_frames_per_s, clock)
-        self._resets = RateCounter(lim.max_rapid_resets_per_s, clock)
+        # Flood counters guard us from clients. A backend is ours to trust: tripping there
+        # would kill every stream it carries for every client, so its limits are off.
+        guard = role is Role.SERVER
+        self._pings = RateCounter(lim.max_pings_per_s if guard else _UNLIMITED, clock)
+        self._settings = RateCounter(lim.max_settings_per_s if guard else _UNLIMITED, clock)
+        self._empty = RateCounter(lim.max_empty_frames_per_s if guard else _UNLIMITED, clock)
+        self._resets = RateCounter(lim.max_rapid_resets_per_s if guard else _UNLIMITED, clock)
+        # PINGs since we last sent HEADERS or DATA. gRPC's BDP estimator pings on every burst
+        # of data it receives, thousands a second on a busy connection; only pings that come
+        # with no traffic from us are a flood (the rule grpc servers enforce as ping strikes).
+        self._pings_since_data = 0
 
         self._handlers: tuple[Callable[[int, int, bytes, list[Event]], None], ...] = (
             self._receive_data_frame,
@@ -536,8 +544,9 @@ class Connection:
         if flags & fr.FLAG_ACK:
             ev.append(PingAcked(payload))
             return
-        if self._pings.hit():
-            raise FloodError("ping", "too many PING frames")
+        self._pings_since_data += 1
+        if self._pings_since_data > self.limits.max_pings_per_s and self._pings.hit():
+            raise FloodError("ping", "too many PING frames without traffic")
         self._send_control(fr.ping(payload, ack=True))
 
     def _receive_goaway_frame(self, flags: int, sid: int, payload: bytes, ev: list[Event]) -> None:
@@ -621,6 +630,7 @@ class Connection:
         self.streams[sid] = st
         st.headers_sent = True
         st.local_closed = end_stream
+        self._pings_since_data = 0
         self._out.append(
             fr.headers(sid, self._encoder.encode(headers), end_stream, self._remote_max_frame_size)
         )
@@ -646,6 +656,7 @@ class Connection:
         if st is None or st.local_closed:
             return  # the stream is gone: nothing to say on it
         st.headers_sent = True
+        self._pings_since_data = 0
         if st.pending_len:
             st.pending_trailers = headers
             st.pending_end = True
@@ -690,6 +701,7 @@ class Connection:
             st.send_window -= n
             self._send_conn_window -= n
             sent += n
+            self._pings_since_data = 0
             last = not st.pending_len and st.pending_end and st.pending_trailers is None
             self._out.append(fr.data(st.stream_id, chunk, last))
             if last:
