@@ -113,6 +113,8 @@ class Connection:
 
         self._decoder = CachingDecoder(lim.max_header_list_size)
         self._encoder = CachingEncoder()
+        self._last_valid_request: HeaderList | None = None
+        self._last_valid_length = -1
 
         # What the peer lets us send.
         self.remote_max_concurrent_streams = 1 << 31
@@ -435,7 +437,17 @@ class Connection:
         if len(self.streams) >= self.limits.max_concurrent_streams:
             self._reset(sid, ErrorCode.REFUSED_STREAM, ev, surface=False)
             return
-        expected = validate_request(headers)
+        # The decoder returns the very same list for a block it has cached (a client repeating
+        # its request headers), so one identity check spares validating it again. Holding the
+        # reference keeps the list alive, so its identity cannot be reused by another.
+        expected: int | None
+        if headers is self._last_valid_request:
+            expected = self._last_valid_length
+        else:
+            expected = validate_request(headers)
+            if expected is not None:
+                self._last_valid_request = headers
+                self._last_valid_length = expected
         if expected is None:
             self._reset(sid, ErrorCode.PROTOCOL_ERROR, ev, surface=False)
             return
