@@ -58,24 +58,23 @@ def dial_address(host: str, port: int) -> str:
 
 
 def echo_proto() -> str:
-    """protos/echo.proto of this checkout, as a path to type; "" when not run from a checkout.
+    """The path to type for this checkout's protos/echo.proto (as in the repository otherwise).
 
     ghz needs it: it resolves the method by server reflection, and grpcio's reflection does not
     find method symbols (grpc/grpc#34743), so `ghz` without `--proto` says "Symbol not found".
     """
     path = Path(__file__).resolve().parent.parent / "protos" / "echo.proto"
     if not path.is_file():
-        return ""
+        return "protos/echo.proto"  # an installed wheel: the file is in the repository
     with contextlib.suppress(ValueError):
         return str(path.relative_to(Path.cwd()))
     return str(path)
 
 
 def hints(address: str, proto: str) -> list[str]:
-    proto_flag = f" --proto {proto}" if proto else ""
     request = """'{"message":"hi"}'"""
     return [
-        f"try: ghz --insecure{proto_flag} --call echo.Echo/UnaryEcho -d {request} {address}",
+        f"try: ghz --insecure --proto {proto} --call echo.Echo/UnaryEcho -d {request} {address}",
         f"     grpcurl -plaintext {address} list",
     ]
 

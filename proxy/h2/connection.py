@@ -161,7 +161,10 @@ class Connection:
             self._receive_window_update_frame,
             self._receive_continuation_frame,
         )
-        self._start()
+        if role is Role.CLIENT:
+            self._start()
+        # A server sends its SETTINGS once the client's preface has arrived: before that, the
+        # peer may be an HTTP/1 client, which must get a plain HTTP/1.1 answer, not frames.
 
     # ------------------------------------------------------------------ start and output
 
@@ -260,6 +263,7 @@ class Connection:
         if n < len(fr.PREFACE):
             return buf
         self._preface_pending = False
+        self._start()
         return buf[len(fr.PREFACE) :]
 
     # ------------------------------------------------------------------ frame handlers

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from proxy_process import start_proxy
-from relay_support import ClosedPort, RunningProxy
-
-ProxyFactory = Callable[..., RunningProxy]
+from relay_support import ClosedPort, ClosedPortFactory, ProxyFactory, RunningProxy
 
 
 @pytest.fixture
@@ -35,7 +33,7 @@ def run_proxy() -> Iterator[ProxyFactory]:
 
 
 @pytest.fixture
-def closed_port() -> Iterator[Callable[[], ClosedPort]]:
+def closed_port() -> Iterator[ClosedPortFactory]:
     """Factory: ``closed_port()`` reserves a port where nothing listens (connect -> refused)."""
     ports: list[ClosedPort] = []
 

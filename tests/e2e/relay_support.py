@@ -141,3 +141,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(0.01)
+
+
+# Types of the fixtures in tests/e2e/conftest.py, for annotating tests (import them from here:
+# "from conftest import ..." would depend on which conftest pytest loaded last).
+ProxyFactory = Callable[..., RunningProxy]
+ClosedPortFactory = Callable[[], ClosedPort]

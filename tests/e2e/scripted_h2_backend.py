@@ -120,13 +120,14 @@ class _Protocol(asyncio.Protocol):
             assert event.stream_id is not None
             self.backend._count(requests=1)
             self._answer(event.stream_id, dict(event.headers or []))
-        elif isinstance(event, h2.events.DataReceived):
+        elif (
+            isinstance(event, h2.events.DataReceived)
+            and event.flow_controlled_length
+            and event.stream_id is not None
+        ):
             # Hand the connection window back, so later streams are never starved.
-            if event.flow_controlled_length and event.stream_id is not None:
-                with contextlib.suppress(h2.exceptions.StreamClosedError):
-                    self.conn.acknowledge_received_data(
-                        event.flow_controlled_length, event.stream_id
-                    )
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
 
     def _answer(self, stream_id: int, headers: dict[bytes, bytes]) -> None:
         behaviour = self.backend.behaviour

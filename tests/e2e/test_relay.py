@@ -7,6 +7,7 @@ directly to the backend, byte for byte, for all four RPC kinds.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -24,9 +25,8 @@ from backends import (
     open_channel,
     parse_status_details,
 )
-from conftest import ProxyFactory
 from proxy_process import start_proxy
-from relay_support import wait_until
+from relay_support import ProxyFactory, wait_until
 
 from proxy.echo import echo_pb2_grpc
 from proxy.echo.echo_pb2 import EchoRequest, EchoResponse
@@ -59,10 +59,10 @@ MESSAGE_KEY = "x-test-message-bin"
 STATUS = grpc.StatusCode.FAILED_PRECONDITION  # 9
 
 REQUESTS = [
-    EchoRequest(message="α", payload=b"\x00\x01"),
+    EchoRequest(message="ä", payload=b"\x00\x01"),
     EchoRequest(message="b", payload=bytes(range(256))),
     EchoRequest(message="", payload=b""),
-    EchoRequest(message="δ", payload=_rng.randbytes(100_000)),
+    EchoRequest(message="ö", payload=_rng.randbytes(100_000)),
 ]
 
 
@@ -93,10 +93,8 @@ def make_call(stub: EchoStub, kind: str, metadata: list[tuple[str, str | bytes]]
     elif kind == "server_streaming":
         request = EchoRequest(message="ß", payload=b"\x00" * 70_000 + b"\xff", count=3)
         call = stub.ServerStreamingEcho(request, metadata=metadata, timeout=20)
-        try:
+        with contextlib.suppress(grpc.RpcError):  # the outcome is read from the call
             responses.extend(call)
-        except grpc.RpcError:
-            pass
     elif kind == "client_streaming":
         try:
             response, call = stub.ClientStreamingEcho.with_call(
@@ -107,10 +105,8 @@ def make_call(stub: EchoStub, kind: str, metadata: list[tuple[str, str | bytes]]
             call = err
     else:
         call = stub.BidirectionalStreamingEcho(iter(REQUESTS), metadata=metadata, timeout=20)
-        try:
+        with contextlib.suppress(grpc.RpcError):  # the outcome is read from the call
             responses.extend(call)
-        except grpc.RpcError:
-            pass
     return Outcome(
         [(r.message, r.payload, r.backend) for r in responses],
         _pairs(call.initial_metadata()),
