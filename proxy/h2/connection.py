@@ -285,6 +285,9 @@ class Connection:
             self._out.append(fr.window_update(0, self._conn_unacked))
             self._recv_conn_window += self._conn_unacked
             self._conn_unacked = 0
+        end_stream = bool(flags & fr.FLAG_END_STREAM)
+        if not payload and not end_stream and self._empty.hit():
+            raise FloodError("empty_frames", "too many empty DATA frames")
         st = self.streams.get(sid)
         if st is None:
             if self._stream_is_idle(sid):
@@ -299,9 +302,6 @@ class Connection:
         if st.recv_window < 0:
             self._reset(sid, ErrorCode.FLOW_CONTROL_ERROR, ev)
             return
-        end_stream = bool(flags & fr.FLAG_END_STREAM)
-        if not payload and not end_stream and self._empty.hit():
-            raise FloodError("empty_frames", "too many empty DATA frames")
         st.unacked += flow_len - len(payload)  # padding is ours to return at once
         if st.expected_length >= 0:
             st.received_length += len(payload)
@@ -320,10 +320,11 @@ class Connection:
         if sid == 0:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
         start, stop = 0, len(payload)
+        pad = 0
         if flags & fr.FLAG_PADDED:
             if not payload:
                 raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short")
-            stop -= payload[0]
+            pad = payload[0]
             start = 1
         bad_priority = False
         if flags & fr.FLAG_PRIORITY:
@@ -331,6 +332,7 @@ class Connection:
                 raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short")
             bad_priority = (_U32.unpack_from(payload, start)[0] & 0x7FFF_FFFF) == sid
             start += 5
+        stop -= pad
         if stop < start:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS padding too long")
         fragment = payload[start:stop]
@@ -433,7 +435,7 @@ class Connection:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, f"client opened even stream {sid}")
         self.highest_peer_stream_id = sid
         if self.goaway_sent is not None and sid > self.goaway_sent:
-            self._recently_closed[sid] = Closed.RESET_BY_US  # after our GOAWAY: ignored
+            self._remember_closed(sid, Closed.RESET_BY_US)  # after our GOAWAY: ignored
             return
         if bad_priority:
             self._reset(sid, ErrorCode.PROTOCOL_ERROR, ev, surface=False)
@@ -471,11 +473,12 @@ class Connection:
     ) -> None:
         if sid == 0:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
+        # Counted before any answer, so malformed ones cannot dodge the limit.
+        if self._empty.hit():
+            raise FloodError("empty_frames", "too many PRIORITY frames")
         if len(payload) != 5:
             self._reset(sid, ErrorCode.FRAME_SIZE_ERROR, ev)
             return
-        if self._empty.hit():
-            raise FloodError("empty_frames", "too many PRIORITY frames")
         if (_U32.unpack_from(payload)[0] & 0x7FFF_FFFF) == sid:
             self._reset(sid, ErrorCode.PROTOCOL_ERROR, ev)
 
@@ -601,7 +604,7 @@ class Connection:
         if st.send_window > fr.MAX_WINDOW:
             self._reset(sid, ErrorCode.FLOW_CONTROL_ERROR, ev)
             return
-        if st.pending_len or st.pending_end:
+        if (st.pending_len or st.pending_end) and not self._write_paused:
             flushed = self._flush_stream(st)
             if flushed:
                 ev.append(DataFlushed(sid, flushed))
@@ -620,8 +623,12 @@ class Connection:
 
     def _close(self, st: Stream, how: Closed) -> None:
         self.streams.pop(st.stream_id, None)
+        self._remember_closed(st.stream_id, how)
+
+    def _remember_closed(self, sid: int, how: Closed) -> None:
+        """Bounded: the oldest entries go first (a stream that old gets treated as closed)."""
         rc = self._recently_closed
-        rc[st.stream_id] = how
+        rc[sid] = how
         if len(rc) > _RECENTLY_CLOSED_MAX:
             del rc[next(iter(rc))]
 
@@ -634,7 +641,7 @@ class Connection:
             if surface:
                 ev.append(StreamReset(sid, code, False))
         elif sid not in self._recently_closed:
-            self._recently_closed[sid] = Closed.RESET_BY_US
+            self._remember_closed(sid, Closed.RESET_BY_US)
 
     # ------------------------------------------------------------------ actions
 

@@ -80,8 +80,12 @@ class CachingEncoder:
             self._encoder.header_table_size = size
 
     def encode(self, headers: HeaderList) -> bytes:
-        # The tuple keeps HeaderTuple subclasses, so never-indexed fields stay never-indexed
-        # and do not share a cache entry with their indexable twins.
+        # Tuple equality ignores the NeverIndexedHeaderTuple subclass, so a list with a
+        # never-indexed field would share a key with its indexable twin: such lists (rare:
+        # sensitive values) bypass the cache both ways.
+        for header in headers:
+            if not getattr(header, "indexable", True):
+                return bytes(self._encoder.encode(headers, huffman=True))
         key = (self._table.generation, tuple(headers))
         hit = self._cache.get(key)
         if hit is not None:

@@ -7,11 +7,17 @@ forbids and which would mean something else to the next hop.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from proxy.h2.events import HeaderList
 
 _REQUEST_PSEUDO: Final = frozenset((b":method", b":scheme", b":path", b":authority"))
+# RFC 9113 8.2.1: a name is lower-case token characters; a value has no NUL, CR or LF and no
+# leading or trailing space or tab. A relay must not pass such fields on: an HTTP/1 hop
+# further along could read a CR LF as the end of a field (request smuggling).
+_BAD_NAME: Final = re.compile(rb"[^a-z0-9!#$%&'*+\-.^_`|~]").search
+_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$").search
 CONNECTION_SPECIFIC: Final = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
 )
@@ -27,11 +33,11 @@ def validate_request(headers: HeaderList) -> int | None:
             if regular or name not in _REQUEST_PSEUDO or name in seen:
                 return None
             seen.add(name)
-            if name == b":path" and not value:
+            if (name == b":path" and not value) or _BAD_VALUE(value):
                 return None
             continue
         regular = True
-        if name != name.lower() or name in CONNECTION_SPECIFIC:
+        if not name or _BAD_NAME(name) or name in CONNECTION_SPECIFIC or _BAD_VALUE(value):
             return None
         if name == b"te" and value != b"trailers":
             return None
@@ -54,7 +60,7 @@ def validate_response(headers: HeaderList) -> str | None:
 
 
 def validate_trailers(headers: HeaderList) -> str | None:
-    for name, _ in headers:
-        if name[:1] == b":" or name != name.lower():
+    for name, value in headers:
+        if not name or _BAD_NAME(name) or _BAD_VALUE(value):
             return f"bad trailer {name!r}"
     return None

@@ -29,7 +29,9 @@ class Frame:
         assert self.kind == fr.SETTINGS
         return {
             k: v
-            for k, v in (struct.unpack_from(">HI", self.payload, i) for i in range(0, len(self.payload), 6))
+            for k, v in (
+                struct.unpack_from(">HI", self.payload, i) for i in range(0, len(self.payload), 6)
+            )
         }
 
     def error_code(self) -> int:
@@ -122,13 +124,20 @@ class RawH2Client:
         self.frames.extend(parse_frames(self.buf))
         return True
 
-    def wait_for(self, kind: int, timeout: float = 5.0, stream_id: int | None = None) -> Frame:
-        """The first frame of this kind (and stream) read so far or within timeout."""
+    def wait_for(
+        self, kind: int, timeout: float = 5.0, stream_id: int | None = None, flags: int = -1
+    ) -> Frame:
+        """The first frame of this kind (and stream, and exact flags) read so far, or read
+        within timeout."""
         deadline = time.monotonic() + timeout
         seen = 0
         while True:
             for frame in self.frames[seen:]:
-                if frame.kind == kind and (stream_id is None or frame.stream_id == stream_id):
+                if (
+                    frame.kind == kind
+                    and (stream_id is None or frame.stream_id == stream_id)
+                    and (flags < 0 or frame.flags == flags)
+                ):
                     return frame
             seen = len(self.frames)
             if not self._read_once(deadline):
@@ -137,6 +146,10 @@ class RawH2Client:
                     f"no frame of type {kind} (stream {stream_id}) within {timeout}s; "
                     f"eof={self.eof}, read {self.bytes_read} bytes, frame types seen {kinds}"
                 )
+
+    def server_settings(self, timeout: float = 5.0) -> dict[int, int]:
+        """The values of the peer's first (non-ACK) SETTINGS frame."""
+        return self.wait_for(fr.SETTINGS, timeout, flags=0).settings()
 
     def find_goaway(self, timeout: float = 5.0) -> Frame:
         return self.wait_for(fr.GOAWAY, timeout)

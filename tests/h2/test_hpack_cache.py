@@ -1,0 +1,271 @@
+"""HPACK caches keyed on the dynamic table's generation (proxy/h2/hpack_cache.py).
+
+The danger of caching HPACK is a stale answer: the same bytes mean something else once the
+dynamic table changed. The nasty case is a change that leaves the table's *length* as it was
+(one insertion evicting one entry), which a length-keyed cache would miss. Every test here
+checks the caches against python-hyper's uncached hpack Encoder/Decoder as the reference.
+"""
+
+from __future__ import annotations
+
+from h2harness import RESPONSE, Peer
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
+from hpack.table import table_entry_size
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.h2 import frames as fr
+from proxy.h2.events import HeadersReceived
+from proxy.h2.hpack_cache import CachingDecoder, CachingEncoder
+
+REQUEST_HEADERS = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/")]
+INDEX_62 = b"\xbe"  # indexed field: the newest dynamic-table entry
+
+
+def literal_indexed(name: bytes, value: bytes) -> bytes:
+    """Literal with incremental indexing, new name, no Huffman (RFC 7541 6.2.1)."""
+    assert len(name) < 127 and len(value) < 127
+    return b"\x40" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def size_update(size: int) -> bytes:
+    """Dynamic table size update (RFC 7541 6.3), for sizes below 31 + 128."""
+    assert 31 <= size < 31 + 128
+    return bytes([0x3F, size - 31])
+
+
+def as_pairs(headers: object) -> list[tuple[bytes, bytes]]:
+    return [(bytes(n), bytes(v)) for n, v in headers]  # type: ignore[attr-defined]
+
+
+class Reference:
+    """CachingDecoder and an uncached Decoder fed the same blocks."""
+
+    def __init__(self) -> None:
+        self.cached = CachingDecoder(max_header_list_size=1 << 20)
+        self.plain = Decoder(max_header_list_size=1 << 20)
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        want = as_pairs(self.plain.decode(block, raw=True))
+        got = as_pairs(self.cached.decode(block))
+        assert got == want, (block, got, want)
+        return got
+
+
+# ---------------------------------------------------------------------------- decoder
+
+
+def test_decoder_one_entry_table_same_length_new_contents() -> None:
+    # A 40-byte table holds exactly one entry of 3 + 1 + 32 = 36 bytes.
+    ref = Reference()
+    assert ref.decode(size_update(40) + literal_indexed(b"x-a", b"1")) == [(b"x-a", b"1")]
+    assert ref.decode(INDEX_62) == [(b"x-a", b"1")]
+    assert ref.decode(INDEX_62) == [(b"x-a", b"1")]  # now served from the cache
+    # One insertion, one eviction: still one entry, different contents.
+    assert ref.decode(literal_indexed(b"x-a", b"2")) == [(b"x-a", b"2")]
+    assert len(ref.cached._table.dynamic_entries) == 1
+    assert ref.decode(INDEX_62) == [(b"x-a", b"2")]  # a length-keyed cache says "1"
+    assert ref.decode(literal_indexed(b"x-b", b"3")) == [(b"x-b", b"3")]
+    assert ref.decode(INDEX_62) == [(b"x-b", b"3")]
+
+
+def test_decoder_full_default_table_rotating_entries() -> None:
+    # 64 entries of 64 bytes fill the default 4096-byte table exactly; from then on every
+    # insertion evicts the oldest entry and the length stays 64.
+    ref = Reference()
+    value = b"v" * 27
+    for i in range(64):
+        ref.decode(literal_indexed(b"x-%03d" % i, value))
+    assert table_entry_size(b"x-000", value) == 64
+    assert len(ref.cached._table.dynamic_entries) == 64
+    probe = INDEX_62 + bytes([0x80 | (62 + 63)])  # newest and oldest entries
+    for i in range(64, 200):
+        before = ref.decode(probe)
+        assert before == [(b"x-%03d" % (i - 1), value), (b"x-%03d" % (i - 64), value)]
+        ref.decode(literal_indexed(b"x-%03d" % i, value))
+        assert len(ref.cached._table.dynamic_entries) == 64
+        assert ref.decode(probe) != before
+
+
+def test_decoder_replays_table_changes_of_a_repeated_block() -> None:
+    # A block that inserts must insert again every time it arrives: it can not be cached.
+    ref = Reference()
+    block = literal_indexed(b"x-r", b"1")
+    for _ in range(5):
+        ref.decode(block)
+    assert len(ref.cached._table.dynamic_entries) == 5
+
+
+def test_decoder_size_update_then_same_block() -> None:
+    ref = Reference()
+    ref.decode(literal_indexed(b"x-a", b"1"))
+    assert ref.decode(INDEX_62) == [(b"x-a", b"1")]
+    ref.decode(size_update(31))  # too small for any entry: the table empties
+    ref.decode(size_update(100))
+    ref.decode(literal_indexed(b"x-b", b"2"))
+    assert ref.decode(INDEX_62) == [(b"x-b", b"2")]
+
+
+def test_decoder_cache_through_the_connection() -> None:
+    """The same byte-identical HEADERS block on two streams must decode differently when the
+    table changed in between without changing length."""
+    peer = Peer()
+    static = b"\x83\x86\x84"  # :method POST, :scheme http, :path /
+    base = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/")]
+    sid = 1
+    events = peer.feed(fr.headers(sid, size_update(40) + static + literal_indexed(b"x-a", b"1")))
+    assert events == [HeadersReceived(sid, [*base, (b"x-a", b"1")], False, False)]
+    for value in (b"1", b"2", b"3", b"3", b"2"):
+        if value != b"1":
+            sid += 2
+            peer.feed(fr.headers(sid, static + literal_indexed(b"x-a", value)))
+        sid += 2
+        events = peer.feed(fr.headers(sid, static + INDEX_62))
+        assert events == [HeadersReceived(sid, [*base, (b"x-a", value)], False, False)]
+
+
+# ---------------------------------------------------------------------------- encoder
+
+
+class EncoderReference:
+    """CachingEncoder and an uncached Encoder given the same header lists; a Decoder on the
+    far side checks that the cached encoder's blocks mean what was encoded."""
+
+    def __init__(self) -> None:
+        self.cached = CachingEncoder()
+        self.plain = Encoder()
+        self.far = Decoder(max_header_list_size=1 << 20)
+
+    def set_max_table_size(self, size: int) -> None:
+        self.cached.set_max_table_size(size)
+        size = min(size, 4096)
+        if size != self.plain.header_table_size:
+            self.plain.header_table_size = size
+
+    def encode(self, headers: list, *, exact: bool = True) -> bytes:
+        block = self.cached.encode(headers)
+        want = self.plain.encode(headers, huffman=True)
+        if exact:
+            assert block == want, (headers, block, want)
+        assert as_pairs(self.far.decode(block, raw=True)) == as_pairs(headers)
+        return block
+
+
+def test_encoder_one_entry_table_same_length_new_contents() -> None:
+    ref = EncoderReference()
+    ref.set_max_table_size(40)
+    a1, a2 = [(b"x-a", b"1")], [(b"x-a", b"2")]
+    ref.encode(a1)
+    assert ref.encode(a1) == INDEX_62
+    assert ref.encode(a1) == INDEX_62  # cached
+    ref.encode(a2)  # evicts x-a: 1, table length still one
+    assert len(ref.cached._table.dynamic_entries) == 1
+    assert ref.encode(a1) != INDEX_62  # a length-keyed cache would replay INDEX_62
+    assert ref.encode(a1) == INDEX_62
+
+
+def test_encoder_full_default_table_rotating_entries() -> None:
+    ref = EncoderReference()
+    value = b"v" * 27
+    for i in range(64):
+        ref.encode([(b"x-%03d" % i, value)])
+    assert ref.encode([(b"x-000", value)]) == bytes([0x80 | (62 + 63)])  # the oldest
+    for i in range(64, 200):
+        field = [(b"x-%03d" % i, value)]
+        ref.encode(field)  # inserted, evicting the oldest: still 64 entries
+        assert ref.encode(field) == INDEX_62
+        ref.encode([(b"y-%03d" % i, value)])  # one more in, one more out
+        assert len(ref.cached._table.dynamic_entries) == 64
+        assert ref.encode(field) == b"\xbf"  # second newest; a length-keyed cache says 62
+
+
+def test_encoder_table_size_changes_are_signalled() -> None:
+    ref = EncoderReference()
+    headers = [(b"x-a", b"1"), (b"x-b", b"2")]
+    ref.encode(headers)
+    ref.encode(headers)
+    ref.set_max_table_size(0)
+    block = ref.encode(headers)
+    assert block[:1] == b"\x20"  # size update to 0 first
+    ref.encode(headers)
+    ref.set_max_table_size(1 << 16)  # capped at 4096
+    block = ref.encode(headers)
+    assert block[:3] == b"\x3f\xe1\x1f"  # size update to 4096
+    ref.encode(headers)
+
+
+def test_encoder_never_indexed_fields_stay_never_indexed() -> None:
+    ref = EncoderReference()
+    secret = [NeverIndexedHeaderTuple(b"authorization", b"Bearer t")]
+    for _ in range(3):
+        block = ref.encode(secret)
+        assert block[0] & 0xF0 == 0x10  # literal never indexed
+    assert ref.cached._table.dynamic_entries == ref.plain.header_table.dynamic_entries
+
+
+def test_peer_header_table_size_reaches_the_encoder_through_settings() -> None:
+    peer = Peer(settings={fr.SETTINGS_HEADER_TABLE_SIZE: 0})
+    for sid in (1, 3, 5):
+        peer.headers(sid, REQUEST_HEADERS, end_stream=True)
+        peer.conn.send_headers(sid, [*RESPONSE, (b"x-id", b"same")], False)
+        (frame,) = peer.out()
+        if sid == 1:
+            assert frame.payload[:1] == b"\x20"
+        assert peer.decode(frame) == [*RESPONSE, (b"x-id", b"same")]
+    assert len(peer.decoder.header_table.dynamic_entries) == 0
+
+
+# ---------------------------------------------------------------------------- properties
+
+NAMES = [b"x-a", b"x-b", b"x-c", b"content-type", b"grpc-status"]
+VALUES = [b"", b"0", b"1", b"application/grpc", b"v" * 40, b"w" * 300]
+FIELD = st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES))
+OP = st.one_of(
+    st.lists(FIELD, min_size=1, max_size=4).map(lambda h: ("encode", h)),
+    st.sampled_from([0, 40, 64, 100, 200, 500, 4096, 10_000]).map(lambda s: ("size", s)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(OP, min_size=1, max_size=40))
+def test_caches_agree_with_uncached_hpack(ops: list[tuple[str, object]]) -> None:
+    """Random header lists (repeats are likely, so the caches hit) and table resizes: the
+    caching encoder emits byte-for-byte what hpack emits, and the caching decoder reads those
+    blocks exactly as an uncached decoder does."""
+    enc = EncoderReference()
+    dec = Reference()
+    for kind, arg in ops:
+        if kind == "size":
+            assert isinstance(arg, int)
+            enc.set_max_table_size(arg)
+        else:
+            assert isinstance(arg, list)
+            block = enc.encode(arg)
+            assert dec.decode(block) == arg
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([1, 2, 3, 4, 5, 6]), min_size=1, max_size=60))
+def test_decoder_cache_with_small_rotating_table(choices: list[int]) -> None:
+    """Blocks drawn from a handful of byte strings, some inserting into a 2-entry table, some
+    reading its entries: the same bytes keep meaning different things."""
+    blocks = {
+        1: literal_indexed(b"x-a", b"1"),
+        2: literal_indexed(b"x-a", b"2"),
+        3: literal_indexed(b"x-b", b"1"),
+        4: INDEX_62,
+        5: b"\xbf",  # index 63: the older entry
+        6: INDEX_62 + b"\xbf",
+    }
+    ref = Reference()
+    ref.decode(size_update(80))  # two 36-byte entries fit
+    ref.decode(blocks[1] + blocks[2])
+    for choice in choices:
+        ref.decode(blocks[choice])
+
+
+def test_encoder_cache_keeps_never_indexed_and_indexable_twins_apart() -> None:
+    ref = EncoderReference()
+    ref.encode([NeverIndexedHeaderTuple(b"x-token", b"1")])  # literal never indexed, cached
+    ref.encode([(b"x-token", b"1")])  # hpack: literal with incremental indexing, inserted
+    ref.encode([(b"x-token", b"1")])  # hpack: indexed
