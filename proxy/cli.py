@@ -9,17 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from proxy import __version__
 from proxy.h2.limits import Limits
-from proxy.pool.endpoints import static_pool
+from proxy.pool.endpoints import TargetPool, static_pool
 from proxy.relay.server import ProxyServer, ServerOptions
-from proxy.routing import Router
+from proxy.routing import Router, with_fallback
+
+if TYPE_CHECKING:
+    from proxy.discovery.etcd_model import EtcdConfig
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 _LIMITS = Limits()
@@ -46,6 +51,43 @@ def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return int(value)
+
+
+def _route(value: str) -> tuple[str, str]:
+    service, sep, target = value.partition("=")
+    if not sep or not service.strip() or not target.strip():
+        raise argparse.ArgumentTypeError(f"expected SERVICE=TARGET, got {value!r}")
+    return service.strip(), target.strip()
+
+
+def _metadata(value: str) -> Any:
+    from proxy.discovery.commands import parse_metadata
+
+    try:
+        return parse_metadata(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _add_etcd(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--etcd", required=True, metavar="URL[,URL...]", help="etcd endpoints, comma-separated"
+    )
+    _add_etcd_security(parser)
+
+
+def _add_etcd_security(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("etcd security")
+    group.add_argument("--etcd-ca", metavar="FILE", help="CA certificate to verify etcd")
+    group.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd")
+    group.add_argument("--etcd-key", metavar="FILE", help="client key for etcd")
+    group.add_argument("--etcd-user", metavar="NAME", help="etcd username")
+    group.add_argument(
+        "--etcd-password",
+        metavar="PASSWORD",
+        default=os.environ.get("GRPC_ETCD_PROXY_ETCD_PASSWORD"),
+        help="etcd password (better: the GRPC_ETCD_PROXY_ETCD_PASSWORD environment variable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +143,53 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="backends tried for a call that reached none (default %(default)s)",
     )
+    serve.add_argument(
+        "--etcd",
+        metavar="URL[,URL...]",
+        help="etcd endpoints (host:port or http(s)://host:port), or 'embedded' to run a local "
+        "etcd on 127.0.0.1:2379 with its data under the user's cache",
+    )
+    serve.add_argument(
+        "--target",
+        metavar="NAME",
+        help="the default pool: every key under NAME/ in etcd (what etcd:///NAME means to Go)",
+    )
+    serve.add_argument(
+        "--route",
+        type=_route,
+        action="append",
+        default=[],
+        metavar="SERVICE=TARGET",
+        help="send calls of this gRPC service (pkg.Service) to this target's pool (repeatable)",
+    )
+    _add_etcd_security(serve)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    register = sub.add_parser(
+        "register", help="register a backend in etcd under a kept-alive lease until a signal"
+    )
+    _add_etcd(register)
+    register.add_argument("--target", required=True, metavar="NAME", help="service name")
+    register.add_argument(
+        "--addr", required=True, type=_address, metavar="HOST:PORT", help="the backend's address"
+    )
+    register.add_argument(
+        "--ttl", type=_positive_int, default=10, metavar="S", help="lease TTL (default 10)"
+    )
+    register.add_argument(
+        "--metadata", type=_metadata, default=None, metavar="JSON", help="endpoint metadata"
+    )
+    register.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+    endpoints = sub.add_parser("endpoints", help="print a target's pool as the proxy sees it")
+    _add_etcd(endpoints)
+    endpoints.add_argument("--target", required=True, metavar="NAME", help="service name")
+    endpoints.add_argument("--watch", action="store_true", help="print again at every change")
+    endpoints.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
 
     demo = sub.add_parser(
         "demo", help="three echo backends, the proxy and a client that calls it, in one process"
@@ -138,24 +226,81 @@ def configure_logging(level: str) -> None:
     )
 
 
+def etcd_options(args: argparse.Namespace, etcd: str) -> EtcdConfig:
+    from proxy.discovery.etcd_model import etcd_config
+
+    return etcd_config(
+        etcd,
+        ca_file=args.etcd_ca,
+        cert_file=args.etcd_cert,
+        key_file=args.etcd_key,
+        username=args.etcd_user,
+        password=args.etcd_password if args.etcd_user else None,
+    )
+
+
 async def serve(args: argparse.Namespace) -> int:
     limits = Limits(
         max_concurrent_streams=args.max_concurrent_streams,
         max_header_list_size=args.max_header_list_size,
         stream_window=args.stream_window,
     )
-    router = Router(default=static_pool("static", args.backend))
-    server = ProxyServer(router, limits, ServerOptions(max_attempts=args.max_attempts))
-    host, port = args.listen
-    await server.listen(host, port)
+    async with contextlib.AsyncExitStack() as stack:
+        static = static_pool("static", args.backend) if args.backend else None
+        default: TargetPool | None = static
+        routes: dict[str, TargetPool] = {}
+        if args.etcd:
+            from proxy.discovery.embedded import EmbeddedEtcd
+            from proxy.discovery.watcher import EtcdDiscovery
+
+            etcd = args.etcd
+            if etcd == "embedded":
+                embedded = await stack.enter_async_context(EmbeddedEtcd())
+                etcd = embedded.endpoint
+            targets = [t for t in [args.target, *(t for _, t in args.route)] if t]
+            discovery = EtcdDiscovery(etcd_options(args, etcd), targets)
+            await stack.enter_async_context(discovery)
+            if args.target:
+                default = discovery.pool(args.target)
+                if static is not None:
+                    default = with_fallback(default, static)
+            routes = {service: discovery.pool(target) for service, target in args.route}
+            # Serve at once: calls that come before the first listing get UNAVAILABLE with
+            # the reason, rather than a refused connection.
+        router = Router(default=default, routes=routes)
+        server = ProxyServer(router, limits, ServerOptions(max_attempts=args.max_attempts))
+        stack.push_async_callback(server.close)
+        host, port = args.listen
+        await server.listen(host, port)
+        await _wait_for_signal()
+    return 0
+
+
+async def _wait_for_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.close()
-    return 0
+
+
+async def register(args: argparse.Namespace) -> int:
+    from proxy.discovery.commands import run_register
+
+    return await run_register(
+        etcd_options(args, args.etcd),
+        args.target,
+        args.addr,
+        ttl=args.ttl,
+        metadata=args.metadata,
+    )
+
+
+async def endpoints(args: argparse.Namespace) -> int:
+    from proxy.discovery.commands import run_endpoints
+
+    return await run_endpoints(etcd_options(args, args.etcd), args.target, watch=args.watch)
 
 
 def run(coro_fn: object, args: argparse.Namespace) -> int:
@@ -167,14 +312,42 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
         return int(asyncio.run(coro_fn(args)))  # type: ignore[operator]
 
 
+def _check_etcd_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate etcd flags up front, so a bad one exits 2 naming it, not at first use."""
+    if not args.etcd or args.etcd == "embedded":
+        return
+    if bool(args.etcd_cert) != bool(args.etcd_key):
+        parser.error("--etcd-cert and --etcd-key go together")
+    if args.etcd_user and not args.etcd_password:
+        parser.error("--etcd-user needs --etcd-password (or GRPC_ETCD_PROXY_ETCD_PASSWORD)")
+    for name in ("etcd_ca", "etcd_cert", "etcd_key"):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path):
+            parser.error(f"--{name.replace('_', '-')}: no such file: {path}")
+    try:
+        etcd_options(args, args.etcd)
+    except ValueError as exc:
+        parser.error(f"--etcd: {exc}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "log_level", "info"))
+    if args.command in ("serve", "register", "endpoints"):
+        _check_etcd_flags(parser, args)
     if args.command == "serve":
-        if not args.backend:
-            parser.error("serve: give at least one --backend HOST:PORT")
+        if not args.backend and not args.etcd:
+            parser.error("serve: give --etcd URL --target NAME, or --backend HOST:PORT")
+        if args.etcd and not args.target and not args.route:
+            parser.error("serve: --etcd needs --target NAME or --route SERVICE=TARGET")
+        if (args.target or args.route) and not args.etcd:
+            parser.error("serve: --target and --route need --etcd URL")
         return run(serve, args)
+    if args.command == "register":
+        return run(register, args)
+    if args.command == "endpoints":
+        return run(endpoints, args)
     if args.command == "demo":
         if args.duration is not None and not 0 < args.duration < float("inf"):
             parser.error("demo: --duration must be a positive number of seconds")

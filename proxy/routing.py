@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proxy.pool.endpoints import TargetPool
+from proxy.pool.endpoints import PoolSnapshot, TargetPool
 
 
 def service_of(path: bytes) -> str:
@@ -33,3 +33,20 @@ class Router:
             if pool is not None:
                 seen.setdefault(pool.target, pool)
         return list(seen.values())
+
+
+def with_fallback(primary: TargetPool, fallback: TargetPool) -> TargetPool:
+    """A pool that mirrors `primary`, or serves `fallback`'s endpoints while primary is empty
+    (e.g. etcd unreachable at start, or nothing registered yet)."""
+    pool = TargetPool(primary.target)
+
+    def refresh(_: PoolSnapshot) -> None:
+        snap = primary.snapshot
+        if snap.endpoints:
+            pool.update(snap.endpoints)
+        else:
+            pool.update(fallback.snapshot.endpoints, reason=snap.reason)
+
+    primary.subscribe(refresh)
+    refresh(primary.snapshot)
+    return pool

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from proxy.discovery.etcd import EtcdAuthError, EtcdConfig, EtcdError, etcd_config
+from proxy.discovery.etcd_model import EtcdAuthError, EtcdConfig, EtcdError, etcd_config
 from proxy.discovery.registration import Registration
 from proxy.discovery.watcher import Backoff, EtcdDiscovery, TargetWatch
 from proxy.units import SECONDS
@@ -107,7 +107,8 @@ async def run_register(
     """``grpc-etcd-proxy register``: keep ``addr`` registered under ``target`` until a signal.
 
     Retries while etcd is unreachable; exits 1 if etcd refuses the credentials, 0 after
-    SIGINT/SIGTERM once the key is deleted and the lease revoked.
+    SIGINT/SIGTERM once the key is deleted and the lease revoked. Raises ValueError for an
+    ``addr`` that is not ``host:port`` or a ``ttl`` under 1 (validate flags before).
     """
     out = out or sys.stderr
     delays = Backoff(max_s=5.0).delays()

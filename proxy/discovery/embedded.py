@@ -21,7 +21,8 @@ from typing import IO
 
 import structlog
 
-from proxy.discovery.etcd import EtcdClient, EtcdConfig, EtcdError
+from proxy.discovery.etcd import EtcdClient
+from proxy.discovery.etcd_model import EtcdConfig, EtcdError
 from proxy.units import SECONDS
 
 log = structlog.get_logger("proxy.discovery")

@@ -20,14 +20,8 @@ from typing import Any
 
 import structlog
 
-from proxy.discovery.etcd import (
-    EtcdClient,
-    EtcdConfig,
-    EtcdError,
-    Lease,
-    LeaseLost,
-    etcd_config,
-)
+from proxy.discovery.etcd import EtcdClient
+from proxy.discovery.etcd_model import EtcdConfig, EtcdError, Lease, LeaseLost, etcd_config
 from proxy.discovery.values import address_problem
 from proxy.discovery.watcher import Backoff, prefix_of
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import structlog
 
-from proxy.discovery.etcd import (
+from proxy.discovery.etcd import EtcdClient
+from proxy.discovery.etcd_model import (
     EtcdAuthError,
-    EtcdClient,
     EtcdConfig,
     EtcdError,
     WatchCanceled,

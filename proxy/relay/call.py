@@ -19,6 +19,7 @@ UNAVAILABLE. Once response headers arrive, the copy is dropped and a failure is 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.h2.errors import ErrorCode, error_code_name
@@ -41,11 +42,19 @@ class ClientSide(Protocol):
     def call_finished(self, stream_id: int) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a call gets no backend, and the status that says so."""
+
+    status: Status
+    message: str
+
+
 class CallRouter(Protocol):
     """What a call needs of the proxy: where to go next, and the way to get there."""
 
-    def pick(self, call: Call) -> Endpoint | str:
-        """An endpoint for this call (not one it tried), or the reason there is none."""
+    def pick(self, call: Call) -> Endpoint | Refusal:
+        """An endpoint for this call (not one it tried), or why there is none."""
         ...
 
     def attach(self, endpoint: Endpoint, call: Call) -> None: ...
@@ -121,8 +130,8 @@ class Call:
 
     def start(self) -> None:
         picked = self.router.pick(self)
-        if isinstance(picked, str):
-            self.fail(Status.UNAVAILABLE, picked)
+        if isinstance(picked, Refusal):
+            self.fail(picked.status, picked.message)
             return
         self.attempts += 1
         self.endpoint = picked
@@ -150,18 +159,18 @@ class Call:
             self.replay_len = 0
         self.sent = 0
         if self.attempts >= self.router.max_attempts:
-            self.fail(Status.UNAVAILABLE, self._no_backend_message())
+            self.fail(Status.UNAVAILABLE, self.no_backend_message())
             return
         picked = self.router.pick(self)
-        if isinstance(picked, str):
-            self.fail(Status.UNAVAILABLE, self._no_backend_message())
+        if isinstance(picked, Refusal):
+            self.fail(Status.UNAVAILABLE, self.no_backend_message())
             return
         self.attempts += 1
         self.endpoint = picked
         self.tried.add(picked.address)
         self.router.attach(picked, self)
 
-    def _no_backend_message(self) -> str:
+    def no_backend_message(self) -> str:
         return (
             "no backend reachable for "
             + self.path.decode("latin-1")

@@ -18,9 +18,10 @@ from proxy.h2.errors import FloodError, H2ConnectionError
 from proxy.h2.limits import Limits
 from proxy.pool.connections import BackendPool
 from proxy.pool.endpoints import Endpoint
-from proxy.relay.call import Call
+from proxy.relay.call import Call, Refusal
 from proxy.relay.downstream import Downstream
 from proxy.relay.flusher import Flusher
+from proxy.relay.grpc_status import Status
 from proxy.routing import Router, service_of
 from proxy.units import SECONDS
 
@@ -70,21 +71,24 @@ class ProxyServer:
     def replay_limit(self) -> int:
         return self.options.replay_limit
 
-    def pick(self, call: Call) -> Endpoint | str:
+    def pick(self, call: Call) -> Endpoint | Refusal:
         path = call.path
         target = self.router.route(path)
         if target is None:
-            return f"no route for service {service_of(path)!r}"
+            service = service_of(path) or path.decode("latin-1")
+            return Refusal(Status.UNIMPLEMENTED, f"no route for service {service!r}")
         snap = target.snapshot
         if not snap.endpoints:
-            return f"no backend for target {target.target!r}: {snap.reason}"
+            return Refusal(
+                Status.UNAVAILABLE, f"no backend for target {target.target!r}: {snap.reason}"
+            )
         now = self.loop.time()
         pool = self.pool
         endpoint = self.balancer.pick(
             snap, call.headers, call.tried, lambda address: pool.usable(address, now)
         )
         if endpoint is None:
-            return call._no_backend_message()
+            return Refusal(Status.UNAVAILABLE, call.no_backend_message())
         return endpoint
 
     def attach(self, endpoint: Endpoint, call: Call) -> None:

@@ -17,7 +17,8 @@ from backends import free_port
 from etcd_support import EtcdFactory, EtcdServer
 from tools import require_tool, tool_env
 
-from proxy.discovery.etcd import EtcdClient, EtcdConfig
+from proxy.discovery.etcd import EtcdClient
+from proxy.discovery.etcd_model import EtcdConfig
 
 
 def _system_tool(name: str) -> str:

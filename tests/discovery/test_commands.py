@@ -12,9 +12,12 @@ from backends import free_port
 from etcd_support import EtcdServer, eventually
 
 from proxy.discovery.commands import parse_metadata, run_endpoints, run_register
-from proxy.discovery.etcd import EtcdClient, EtcdConfig
+from proxy.discovery.etcd import EtcdClient
+from proxy.discovery.etcd_model import EtcdConfig
 from proxy.discovery.registration import Registration
 from proxy.discovery.watcher import EtcdDiscovery
+
+pytestmark = pytest.mark.needs_tool("etcd", "etcdctl")
 
 
 def test_parse_metadata() -> None:

@@ -17,8 +17,11 @@ from proxy.discovery.embedded import (
     default_data_dir,
     find_etcd_binary,
 )
-from proxy.discovery.etcd import EtcdClient, EtcdConfig
+from proxy.discovery.etcd import EtcdClient
+from proxy.discovery.etcd_model import EtcdConfig
 from proxy.discovery.watcher import EtcdDiscovery
+
+pytestmark = pytest.mark.needs_tool("etcd")
 
 
 def test_default_data_dir_is_under_the_users_cache(

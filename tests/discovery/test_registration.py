@@ -8,9 +8,12 @@ import json
 import pytest
 from etcd_support import FAST, EtcdServer, eventually
 
-from proxy.discovery.etcd import EtcdClient, EtcdUnavailable
+from proxy.discovery.etcd import EtcdClient
+from proxy.discovery.etcd_model import EtcdUnavailable
 from proxy.discovery.registration import Registration, endpoint_value
 from proxy.discovery.watcher import EtcdDiscovery
+
+pytestmark = pytest.mark.needs_tool("etcd", "etcdctl")
 
 
 def test_the_value_is_what_go_endpoints_manager_writes() -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from etcd_support import FAST, EtcdFactory, EtcdServer, Forwarder, eventually
 
 from proxy.discovery.etcd import EtcdClient
 from proxy.discovery.values import invalid_values_total
 from proxy.discovery.watcher import EtcdDiscovery, TargetWatch, WatchState
 from proxy.pool.endpoints import TargetPool
+
+pytestmark = pytest.mark.needs_tool("etcd", "etcdctl")
 
 
 def go_value(addr: str, metadata: object = None, op: int = 0) -> str:
