@@ -208,6 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="exit 0 after S seconds (default: run until Ctrl-C)",
     )
+
+    def etcd_port(value: str) -> int:
+        port = _positive_int(value)
+        if port > 65535:
+            raise argparse.ArgumentTypeError(f"expected a port (1-65535), got {value!r}")
+        return port
+
+    demo.add_argument(
+        "--etcd-port",
+        type=etcd_port,
+        default=2379,
+        metavar="PORT",
+        help="client port of the demo's embedded etcd, on 127.0.0.1 (default %(default)s)",
+    )
+    demo.add_argument(
+        "--etcd-data-dir",
+        default=None,
+        metavar="DIR",
+        help="data directory of the demo's embedded etcd "
+        "(default: grpc-etcd-proxy/etcd in the user's cache directory)",
+    )
     return parser
 
 

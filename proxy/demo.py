@@ -1,15 +1,28 @@
-"""`grpc-etcd-proxy demo`: three echo backends, the proxy and a client, in one process.
+"""`grpc-etcd-proxy demo`: etcd, three registered echo backends, the proxy and a client.
 
 Theory of operation
 -------------------
-The proxy runs in this asyncio loop exactly as `serve` runs it, over a static pool of three
-in-process echo backends (grpcio servers, each with its own thread pool). The built-in client
-is a blocking grpcio stub; every call runs in a worker thread (`asyncio.to_thread`) so that
-the loop, which is the proxy, never waits on it. Once every backend has answered, one of
-them is stopped: the proxy's connect to it fails, the call is retried on another backend
-(it reached no application code), and the client keeps getting answers from the other two.
+etcd runs as a child process (:class:`EmbeddedEtcd`: one member on 127.0.0.1:2379, data
+under the user's cache directory; ``--etcd-port`` / ``--etcd-data-dir`` move it). Everything
+else runs in this process. The proxy runs in this asyncio loop as ``serve --etcd URL
+--target echo`` runs it: its default pool is :class:`EtcdDiscovery`'s pool of the target
+``echo``, i.e. every key under ``echo/`` in etcd, kept in sync by a watch. Each change of
+that pool is printed.
 
-Until etcd discovery exists the pool is static; the next step swaps it for an embedded etcd.
+Three echo backends (grpcio servers with reflection and grpc.health.v1, each with its own
+thread pool) register themselves with :class:`Registration`, as a backend process would:
+the key ``echo/ADDRESS`` under a 5 s lease kept alive, with metadata ``{"id": "backend-N"}``.
+The proxy listens once its pool holds all three.
+
+The built-in client is a blocking grpcio stub; every call runs in a worker thread
+(``asyncio.to_thread``), as do starting and stopping the backends' servers, so the loop,
+which is the proxy, never waits on them. Once every backend has answered, one of them leaves
+the way a backend should: its registration ends (key deleted, lease revoked), the proxy's
+watch drops it from the pool, and then its server stops. The calls go on to the other two.
+
+Everything started is owned by one :class:`contextlib.AsyncExitStack` and stopped in the
+reverse order on exit, also when startup fails or is interrupted: client, proxy, backends
+(deregistered, then stopped), discovery, etcd.
 """
 
 from __future__ import annotations
@@ -18,22 +31,39 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import socket
 import sys
+import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
+from proxy.discovery.embedded import EmbeddedEtcd, EmbeddedEtcdError
+from proxy.discovery.etcd import EtcdClient
+from proxy.discovery.etcd_model import EtcdConfig, EtcdError, etcd_config
+from proxy.discovery.registration import Registration
+from proxy.discovery.watcher import EtcdDiscovery, prefix_of
 from proxy.echo import echo_pb2, echo_pb2_grpc
 from proxy.echo.server import EchoServer, serve
-from proxy.pool.endpoints import static_pool
+from proxy.pool.endpoints import Endpoint, PoolSnapshot, TargetPool
 from proxy.relay.server import ProxyServer
 from proxy.routing import Router
 from proxy.units import SECONDS
 
+T = TypeVar("T")
+
+TARGET = "echo"  # the backends register under echo/; the proxy's default pool is its pool
 BACKEND_NAMES = ("backend-1", "backend-2", "backend-3")
+BACKEND_HOST = "127.0.0.1"
+LEASE_TTL_S = 5  # a backend that dies without deregistering leaves the pool within this
+DEFAULT_ETCD_PORT = 2379
+DEFAULT_ETCD_PEER_PORT = 2380
+POOL_TIMEOUT_S = 10 * SECONDS  # for the pool to show a registration or a deregistration
+STOP_GRACE_S = 1 * SECONDS  # calls in flight on a stopping backend may finish within this
 CALL_INTERVAL_S = 0.5 * SECONDS
 CALL_TIMEOUT_S = 2 * SECONDS
 # A backend is stopped once every backend has answered and at least the first number of calls
@@ -42,6 +72,14 @@ CALL_TIMEOUT_S = 2 * SECONDS
 STOP_AFTER_CALLS = (3, 6)
 STOPPED = 1  # index into BACKEND_NAMES: backend-2
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]  # never route 127.0.0.1 via $http_proxy
+
+
+class DemoError(Exception):
+    """The demo cannot start; the message says why."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM came while the demo was starting."""
 
 
 def say(line: str) -> None:
@@ -71,24 +109,156 @@ def echo_proto() -> str:
     return str(path)
 
 
-def hints(address: str, proto: str) -> list[str]:
+def hints(address: str, proto: str, etcd: str | None = None) -> list[str]:
     request = """'{"message":"hi"}'"""
-    return [
+    lines = [
         f"try: ghz --insecure --proto {proto} --call echo.Echo/UnaryEcho -d {request} {address}",
         f"     grpcurl -plaintext {address} list",
     ]
+    if etcd is not None:
+        lines.append(f"     grpc-etcd-proxy endpoints --etcd {etcd} --target {TARGET} --watch")
+    return lines
+
+
+def etcd_peer_port(client_port: int) -> int:
+    """2380 beside the default client port 2379, else a free port (tests run demos side by
+    side); a single member never dials it, it only has to be free."""
+    if client_port == DEFAULT_ETCD_PORT:
+        return DEFAULT_ETCD_PEER_PORT
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port != client_port:
+            return port
+
+
+def endpoint_id(endpoint: Endpoint) -> str:
+    """The ``id`` of the registration's metadata, else the etcd key."""
+    metadata = endpoint.metadata
+    if isinstance(metadata, dict) and isinstance(metadata.get("id"), str):
+        return str(metadata["id"])
+    return endpoint.key
+
+
+def describe_pool(snapshot: PoolSnapshot) -> str:
+    """``pool echo: 2 endpoints: backend-1 at 127.0.0.1:1234, backend-3 at ...``."""
+    if not snapshot.endpoints:
+        return f"pool {snapshot.target}: empty ({snapshot.reason})"
+    members = sorted((endpoint_id(e), e.address) for e in snapshot.endpoints)
+    count = len(members)
+    listed = ", ".join(f"{name} at {address}" for name, address in members)
+    return f"pool {snapshot.target}: {count} endpoint{'s' if count != 1 else ''}: {listed}"
+
+
+def holds(backend: DemoBackend) -> Callable[[PoolSnapshot], bool]:
+    """Whether a snapshot of the pool holds `backend`."""
+    return lambda snapshot: backend.address in snapshot.addresses
+
+
+class PoolView:
+    """Prints every change of a pool (until muted) and lets the demo wait for one."""
+
+    def __init__(self, pool: TargetPool) -> None:
+        self.pool = pool
+        self.muted = False
+        self._changed = asyncio.Event()
+        pool.subscribe(self._on_update)
+
+    def _on_update(self, snapshot: PoolSnapshot) -> None:
+        # Runs in the loop, in the discovery task, right after each change.
+        if not self.muted:
+            say(describe_pool(snapshot))
+        self._changed.set()
+
+    def mute(self) -> None:
+        self.muted = True
+
+    async def wait_for(self, condition: Callable[[PoolSnapshot], bool], timeout_s: float) -> bool:
+        """Whether the pool meets `condition` within `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not condition(self.pool.snapshot):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+class DemoBackend:
+    """An echo backend registered in etcd under ``echo/ADDRESS`` for as long as it runs.
+
+    :meth:`deregister` ends the registration (key deleted, lease revoked); :meth:`close`
+    does that, then stops the server. Both may be called again, and after each other.
+    """
+
+    def __init__(self, server: EchoServer) -> None:
+        self.server = server
+        self._registered = contextlib.AsyncExitStack()
+        self._stopped: threading.Event | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.server.name)
+
+    @property
+    def address(self) -> str:
+        return str(self.server.address)
+
+    @classmethod
+    async def serve(cls, name: str) -> DemoBackend:
+        """Start the echo server (not registered yet); see :meth:`register`."""
+        # Binding and starting a grpcio server waits on its threads: not in the loop.
+        starting = asyncio.ensure_future(asyncio.to_thread(serve, 0, BACKEND_HOST, name))
+        try:
+            server, _port = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # The thread goes on: stop the server it starts, nobody else knows of it.
+            with contextlib.suppress(Exception):
+                (await starting)[0].stop(None)
+            raise
+        return cls(server)
+
+    @property
+    def key(self) -> str:
+        """Its etcd key, ``echo/ADDRESS``."""
+        return prefix_of(TARGET) + self.address
+
+    async def register(self, etcd: EtcdConfig) -> None:
+        """Register under ``echo/ADDRESS``; the registration lives until :meth:`deregister`."""
+        registration = Registration(
+            etcd, TARGET, self.address, ttl=LEASE_TTL_S, metadata={"id": self.name}
+        )
+        await self._registered.enter_async_context(registration)
+
+    async def deregister(self) -> None:
+        await self._registered.aclose()
+
+    async def close(self) -> None:
+        try:
+            await self.deregister()
+        finally:
+            if self._stopped is None:
+                self._stopped = self.server.stop(STOP_GRACE_S)
+            # grpcio's stop() returns at once; waiting for it to finish blocks.
+            await asyncio.to_thread(self._stopped.wait)
 
 
 class DemoClient:
-    """Calls echo.Echo/UnaryEcho through the proxy every CALL_INTERVAL_S and says who answered."""
+    """Calls echo.Echo/UnaryEcho through the proxy every CALL_INTERVAL_S and says who answered.
 
-    def __init__(self, target: str, backends: Sequence[EchoServer]) -> None:
+    Once every backend has answered (see STOP_AFTER_CALLS) it awaits `stop_one` once.
+    """
+
+    def __init__(self, target: str, backends: int, stop_one: Callable[[], Awaitable[None]]) -> None:
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub: Any = echo_pb2_grpc.EchoStub(self.channel)
         self.backends = backends
+        self.stop_one = stop_one
         self.calls = 0
         self.answers: Counter[str] = Counter()
-        self.stopped: EchoServer | None = None
+        self.stopped = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -100,10 +270,11 @@ class DemoClient:
             if backend:
                 seen.add(backend)
             low, high = STOP_AFTER_CALLS
-            all_seen = len(seen) == len(self.backends)
-            if self.stopped is None and self.calls >= low and (all_seen or self.calls >= high):
-                await self._stop_one()
-                started = loop.time()  # a whole interval for the proxy to see the backend go
+            all_seen = len(seen) == self.backends
+            if not self.stopped and self.calls >= low and (all_seen or self.calls >= high):
+                self.stopped = True
+                await self.stop_one()
+                started = loop.time()
             await asyncio.sleep(max(0.0, CALL_INTERVAL_S - (loop.time() - started)))
 
     async def _call(self, n: int) -> str:
@@ -118,82 +289,162 @@ class DemoClient:
         say(f"call {n}: answered by {backend}")
         return backend
 
-    async def _stop_one(self) -> None:
-        victim = self.backends[STOPPED]
-        say(f"stopping {victim.name} ({victim.address}): the next calls go to the other two")
-        # grpcio's stop() returns at once; waiting for it to finish blocks, hence the thread.
-        await asyncio.to_thread(lambda: victim.stop(None).wait())
-        self.stopped = victim
-
     def close(self) -> None:
         # Also cancels a call still running in its worker thread.
         self.channel.close()
 
 
-def start_backends() -> list[EchoServer]:
-    backends: list[EchoServer] = []
+@dataclass
+class Running:
+    """What startup made; every part of it is already owned by the exit stack."""
+
+    etcd: EmbeddedEtcd
+    pool: PoolView
+    backends: list[DemoBackend]
+    address: str
+
+    async def stop_one(self) -> None:
+        """Take backend-2 out the way a backend should leave: deregister, then stop."""
+        victim = self.backends[STOPPED]
+        say(describe_pool(self.pool.pool.snapshot))
+        say(
+            f"stopping {victim.name} ({victim.address}): "
+            f"ending its registration deletes {victim.key}"
+        )
+        await victim.deregister()
+        in_pool = holds(victim)
+        gone = await self.pool.wait_for(lambda snapshot: not in_pool(snapshot), POOL_TIMEOUT_S)
+        if gone:
+            say(
+                f"{victim.name} left the pool; stopping its server: the next calls go to the others"
+            )
+        else:
+            say(f"{victim.name} still in the pool after {POOL_TIMEOUT_S:g} s; stopping it anyway")
+        await victim.close()
+
+
+async def remove_leftovers(config: EtcdConfig) -> None:
+    """Delete the keys under ``echo/`` that an earlier run could not delete.
+
+    A Ctrl-C in a terminal reaches etcd too, which may then be gone before the backends
+    deregister; a restarted etcd gives the leases of those keys a whole TTL again.
+    """
+    prefix = prefix_of(TARGET)
+    async with EtcdClient(config) as client:
+        _revision, kvs = await client.get_prefix(prefix)
+        for kv in kvs:
+            await client.delete(kv.key)
+    if kvs:
+        say(f"deleted {len(kvs)} key(s) under {prefix} left in etcd by an earlier run")
+
+
+async def start(stack: contextlib.AsyncExitStack, args: argparse.Namespace) -> Running:
+    """Start etcd, discovery, the backends and the proxy; each is pushed on `stack` at once."""
+    etcd = EmbeddedEtcd(args.etcd_data_dir, args.etcd_port, etcd_peer_port(args.etcd_port))
+    say(f"starting etcd on {etcd.endpoint} (embedded; data in {etcd.data_dir})")
+    await stack.enter_async_context(etcd)
+    say(f"etcd ready (log in {etcd.log_path})")
+    config = etcd_config(etcd.endpoint)
+    await remove_leftovers(config)
+
+    discovery = EtcdDiscovery(config)
+    view = PoolView(discovery.pool(TARGET))
+    say(f"the proxy's pool is target {TARGET!r}: every key under {prefix_of(TARGET)} in etcd")
+    await stack.enter_async_context(discovery)
+    await discovery.wait_ready(POOL_TIMEOUT_S)
+
+    backends: list[DemoBackend] = []
+    for name in BACKEND_NAMES:
+        backend = await DemoBackend.serve(name)
+        stack.push_async_callback(backend.close)
+        backends.append(backend)
+        say(
+            f"{name} serving at {backend.address}; registering it as {backend.key} "
+            f"(lease TTL {LEASE_TTL_S} s, kept alive)"
+        )
+        await backend.register(config)
+        await view.wait_for(holds(backend), POOL_TIMEOUT_S)
+    addresses = {b.address for b in backends}
+    if not await view.wait_for(lambda s: s.addresses == addresses, POOL_TIMEOUT_S):
+        raise DemoError(
+            f"after {POOL_TIMEOUT_S:g} s the pool is not the three backends: "
+            + describe_pool(view.pool.snapshot)
+        )
+
+    host, port = args.listen
+    server = ProxyServer(Router(default=view.pool))
+    stack.push_async_callback(server.close)
     try:
-        for name in BACKEND_NAMES:
-            backends.append(serve(0, "127.0.0.1", name)[0])
-    except BaseException:
-        stop_backends(backends)
-        raise
-    return backends
+        bound = await server.listen(host, port)
+    except OSError as exc:
+        raise DemoError(f"cannot listen on {host}:{port}: {exc}") from exc
+    # Pushed last, so it runs first: the pool's changes at exit are not the demo's story.
+    stack.callback(view.mute)
+    return Running(etcd, view, backends, dial_address(host, bound[0][1]))
 
 
-def stop_backends(backends: Sequence[EchoServer]) -> None:
-    for backend in backends:
-        backend.stop(None).wait()
+async def until_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T:
+    """The result of `work`, or Interrupted if `stop` is set first (`work` is cancelled)."""
+    task = asyncio.create_task(work, name="demo startup")
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # let its cleanup run before the caller's
+    if task.cancelled():
+        raise Interrupted
+    return task.result()
 
 
 async def demo(args: argparse.Namespace) -> int:
     """Run the demo until SIGINT/SIGTERM, or for `args.duration` seconds; 0 on a clean exit.
 
-    `args.listen` is the proxy's (host, port); port 0 picks a free one.
+    `args.listen` is the proxy's (host, port), port 0 picks a free one; `args.etcd_port` and
+    `args.etcd_data_dir` (None: the user's cache) place the embedded etcd.
     """
-    host, port = args.listen
     duration_s: float | None = args.duration
     loop = asyncio.get_running_loop()
-    backends = start_backends()
-    server: ProxyServer | None = None
-    client: DemoClient | None = None
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     try:
-        say("echo backends: " + ", ".join(f"{b.name} at {b.address}" for b in backends))
-        router = Router(default=static_pool("demo", [b.address for b in backends]))
-        server = ProxyServer(router)
-        try:
-            bound = await server.listen(host, port)
-        except OSError as exc:
-            print(f"demo: cannot listen on {host}:{port}: {exc}", file=sys.stderr, flush=True)
-            return 1
-        address = dial_address(host, bound[0][1])
-        say(f"proxy listening on {address}, balancing each call round robin over the three")
-        for line in hints(address, echo_proto()):
-            say(line)
-        until = f"for {duration_s:g} s" if duration_s is not None else "until Ctrl-C"
-        say(f"a client calls echo.Echo/UnaryEcho through the proxy every 0.5 s, {until}")
+        async with contextlib.AsyncExitStack() as stack:
+            running = await until_stopped(stop, start(stack, args))
+            address = running.address
+            say(
+                f"proxy listening on {address}, balancing each call round robin over "
+                f"the pool of {TARGET!r}"
+            )
+            for line in hints(address, echo_proto(), running.etcd.endpoint):
+                say(line)
+            until = f"for {duration_s:g} s" if duration_s is not None else "until Ctrl-C"
+            say(f"a client calls echo.Echo/UnaryEcho through the proxy every 0.5 s, {until}")
 
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        timer = loop.call_later(duration_s, stop.set) if duration_s is not None else None
-        client = DemoClient(address, backends)
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                calls = tasks.create_task(client.run(), name="demo client")
-                await stop.wait()
-                calls.cancel()
-        finally:
-            if timer is not None:
-                timer.cancel()
-        tally = ", ".join(f"{name} {count}" for name, count in sorted(client.answers.items()))
-        say(f"done: answers by backend: {tally or 'none'}")
+            timer = loop.call_later(duration_s, stop.set) if duration_s is not None else None
+            client = DemoClient(address, len(running.backends), running.stop_one)
+            stack.callback(client.close)
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    calls = tasks.create_task(client.run(), name="demo client")
+                    await stop.wait()
+                    calls.cancel()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+            tally = ", ".join(f"{name} {n}" for name, n in sorted(client.answers.items()))
+    except Interrupted:
+        say("interrupted while starting; everything started is stopped")
         return 0
-    finally:
-        if client is not None:
-            client.close()
-        if server is not None:
-            await server.close()
-        # The proxy is closed: nothing left in the loop for a blocking wait to hold up.
-        stop_backends(backends)
+    except EmbeddedEtcdError as exc:
+        print(f"demo: cannot run etcd: {exc}", file=sys.stderr)
+        print("demo: --etcd-port and --etcd-data-dir place the demo's etcd", file=sys.stderr)
+        return 1
+    except (DemoError, EtcdError) as exc:
+        print(f"demo: {exc}", file=sys.stderr, flush=True)
+        return 1
+    say(f"done: answers by backend: {tally or 'none'}")
+    return 0

@@ -118,6 +118,7 @@ class Connection:
 
         # What the peer lets us send.
         self.remote_max_concurrent_streams = 1 << 31
+        self.remote_settings_seen = False
         self._remote_initial_window = fr.DEFAULT_WINDOW
         self._remote_max_frame_size = fr.DEFAULT_MAX_FRAME_SIZE
         self._send_conn_window = fr.DEFAULT_WINDOW
@@ -547,7 +548,11 @@ class Connection:
         self._send_control(fr.SETTINGS_ACK)
         if window_delta > 0:
             self._flush_all(ev)
-        if self.remote_max_concurrent_streams != old_max_streams:
+        # A client reports the first SETTINGS always: it waits for it to learn the peer's
+        # stream limit before opening streams (as grpc-go does).
+        first = not self.remote_settings_seen and self.role is Role.CLIENT
+        self.remote_settings_seen = True
+        if first or self.remote_max_concurrent_streams != old_max_streams:
             ev.append(SettingsChanged(self.remote_max_concurrent_streams))
 
     def _receive_push_promise_frame(

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("proxy.pool")
 
-# Streams we expect a connection still being set up to take before its SETTINGS arrive.
+# Calls that may wait for one connection being set up; past that, another is opened. Once the
+# backend's SETTINGS arrive, those over its real limit move on to another connection.
 _ASSUMED_CAPACITY: Final = 100
 
 
@@ -66,7 +67,7 @@ class EndpointConnections:
                 conn.open(call)
                 return
         for conn in self.conns:
-            if conn.state is State.CONNECTING and len(conn.waiting) < _ASSUMED_CAPACITY:
+            if conn.is_pending and len(conn.waiting) < _ASSUMED_CAPACITY:
                 conn.waiting.append(call)
                 call.parked_in = conn.waiting
                 return
@@ -151,7 +152,7 @@ class EndpointConnections:
 
     def close_idle(self) -> None:
         for conn in list(self.conns):
-            if not conn.calls and conn.state is not State.CONNECTING:
+            if not conn.calls and not conn.is_pending:
                 conn.close()
 
 

@@ -1,7 +1,9 @@
 """The backend-facing side: one pooled HTTP/2 connection to one backend, shared by many calls.
 
-States: CONNECTING (calls wait in `waiting`), READY (new streams open at once), DRAINING (the
-backend sent GOAWAY: streams it accepted finish, new calls go to another connection), CLOSED.
+States: CONNECTING (calls wait in `waiting`), HANDSHAKE (connected, waiting for the backend's
+SETTINGS: until then its stream limit is unknown, and streams above it would be refused),
+READY (new streams open at once), DRAINING (the backend sent GOAWAY: streams it accepted
+finish, new calls go to another connection), CLOSED.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ log = structlog.get_logger("proxy.upstream")
 
 class State(Enum):
     CONNECTING = 1
-    READY = 2
-    DRAINING = 3
-    CLOSED = 4
+    HANDSHAKE = 2
+    READY = 3
+    DRAINING = 4
+    CLOSED = 5
 
 
 class BackendConnection(H2Protocol):
@@ -49,6 +52,12 @@ class BackendConnection(H2Protocol):
         self.calls: dict[int, Call] = {}
         self.waiting: list[Call] = []
         self.h2 = Connection(Role.CLIENT, limits)
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def is_pending(self) -> bool:
+        """Not ready yet, but calls may wait for it."""
+        return self.state is State.CONNECTING or self.state is State.HANDSHAKE
 
     @property
     def has_capacity(self) -> bool:
@@ -58,16 +67,37 @@ class BackendConnection(H2Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.state = State.HANDSHAKE
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.owner.pool.connect_timeout_s, self._handshake_timed_out
+        )
+        self.mark()  # our preface and SETTINGS
+
+    def _handshake_done(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self.state = State.READY
         waiting, self.waiting = self.waiting, []
         for call in waiting:
+            call.parked_in = None
             if call.finished:
                 continue
             if self.h2.can_open_stream:
                 self.open(call)
+            elif self.h2.goaway_received is not None:
+                call.retry_or_fail("GOAWAY before the call could start")
             else:
-                self.owner.park(call)
-        self.mark()
+                self.owner.attach(call)  # over the backend's limit: another connection
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self.state is State.HANDSHAKE:
+            log.warning("backend_handshake_timeout", backend=self.owner.address)
+            self.owner.connection_closed(self)
+            self.connect_failed("no SETTINGS from the backend (not an HTTP/2 server?)")
+            if self.transport is not None:
+                self.transport.close()
 
     def connect_failed(self, reason: str) -> None:
         self.state = State.CLOSED
@@ -78,13 +108,19 @@ class BackendConnection(H2Protocol):
             call.retry_or_fail(reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was_ready = self.state is not State.CLOSED
+        was_open = self.state is not State.CLOSED
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         self.state = State.CLOSED
         self.closed = True
         self.owner.connection_closed(self)
-        if not was_ready:
+        if not was_open:
             return
         reason = f"connection lost ({exc})" if exc else "closed the connection"
+        waiting, self.waiting = self.waiting, []
+        for call in waiting:  # never sent: safe to try elsewhere
+            call.parked_in = None
+            call.retry_or_fail(reason)
         calls, self.calls = self.calls, {}
         for call in calls.values():
             call.on_upstream_lost(reason)
@@ -167,7 +203,10 @@ class BackendConnection(H2Protocol):
             elif isinstance(ev, GoAwayReceived):
                 self._receive_goaway(ev.last_stream_id, ev.error_code)
             elif isinstance(ev, SettingsChanged):
-                self.owner.capacity_changed(self)
+                if self.state is State.HANDSHAKE:
+                    self._handshake_done()
+                else:
+                    self.owner.capacity_changed(self)
         self.mark()
 
     def _receive_goaway(self, last_stream_id: int, code: int) -> None:

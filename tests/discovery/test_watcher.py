@@ -70,9 +70,12 @@ async def test_only_keys_under_name_slash_belong_to_the_target(
         await etcd_client.put("svc-v2/b", "10.0.0.5:5")
         await etcd_client.put("svc/b", "10.0.0.6:6")
         svc = discovery.pool("svc")
+        v2 = discovery.pool("svc-v2")
+        # Two targets, two watches: each change arrives on its own watch, in any order.
         await eventually(lambda: "10.0.0.6:6" in addresses(svc), "svc/b")
+        await eventually(lambda: "10.0.0.5:5" in addresses(v2), "svc-v2/b")
         assert addresses(svc) == {"10.0.0.1:1", "10.0.0.6:6"}
-        assert addresses(discovery.pool("svc-v2")) == {"10.0.0.2:2", "10.0.0.5:5"}
+        assert addresses(v2) == {"10.0.0.2:2", "10.0.0.5:5"}
 
 
 async def test_a_key_added_changed_and_deleted_reaches_the_pool_fast(

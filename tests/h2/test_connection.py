@@ -119,8 +119,10 @@ def test_valid_preface_and_settings_are_acknowledged() -> None:
 def test_client_announces_before_anything_arrives() -> None:
     peer = Peer(Role.CLIENT, handshake=False)
     assert kinds(peer.initial) == [fr.SETTINGS, fr.WINDOW_UPDATE]
-    assert peer.feed(fr.settings({})) == []
+    # A client reports the peer's first SETTINGS: it learns the stream limit before it opens.
+    assert peer.feed(fr.settings({})) == [SettingsChanged(1 << 31)]
     assert peer.out() == [Frame(fr.SETTINGS, fr.FLAG_ACK, 0, b"")]
+    assert peer.feed(fr.settings({})) == []  # later ones only when the limit changes
 
 
 @pytest.mark.parametrize(
