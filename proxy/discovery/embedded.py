@@ -120,6 +120,9 @@ class EmbeddedEtcd:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=self._log_file,
+            # Its own session: a terminal's Ctrl-C must not stop etcd before its owner has
+            # deregistered what it registered; the owner stops it last.
+            start_new_session=True,
         )
         try:
             await self._wait_healthy()
