@@ -57,7 +57,13 @@ class CallRouter(Protocol):
         """An endpoint for this call (not one it tried), or why there is none."""
         ...
 
-    def attach(self, endpoint: Endpoint, call: Call) -> None: ...
+    def attach(self, endpoint: Endpoint, call: Call) -> None:
+        """Send the call to this endpoint (counts it as in flight there)."""
+        ...
+
+    def release(self, call: Call) -> None:
+        """The call no longer occupies its endpoint (finished, or moving to another)."""
+        ...
 
     @property
     def max_attempts(self) -> int: ...
@@ -77,6 +83,7 @@ class Call:
         "errors",
         "finished",
         "headers",
+        "holding",
         "parked_in",
         "replay",
         "replay_len",
@@ -114,6 +121,7 @@ class Call:
         self.acked = 0  # bytes acknowledged to the client, over all attempts
         self.response_started = False
         self.finished = False
+        self.holding = False  # counted as in flight at self.endpoint
         self.attempts = 0
         self.tried: set[str] = set()
         self.errors: list[str] = []
@@ -144,6 +152,7 @@ class Call:
             return
         address = self.endpoint.address if self.endpoint else "?"
         self.errors.append(f"{address}: {reason}")
+        self.router.release(self)
         self.upstream = None
         self.bsid = 0
         if self.replay is None:
@@ -284,6 +293,7 @@ class Call:
     def on_client_reset(self, code: int) -> None:
         """The client cancelled (RST_STREAM) or went away: cancel the backend stream."""
         self.finished = True
+        self.router.release(self)
         if self.parked_in is not None:
             with contextlib.suppress(ValueError):
                 self.parked_in.remove(self)
@@ -311,5 +321,6 @@ class Call:
 
     def _finish(self) -> None:
         self.finished = True
+        self.router.release(self)
         self.replay = None
         self.client.call_finished(self.csid)

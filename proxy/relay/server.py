@@ -56,6 +56,8 @@ class ProxyServer:
         )
         self.balancer = RoundRobin()
         self.connections: set[Downstream] = set()
+        # Calls in flight per backend address: what least-request and bounded load weigh.
+        self.inflight: dict[str, int] = {}
         self.connection_errors: Counter[str] = Counter()
         self._servers: list[asyncio.Server] = []
         for target_pool in router.pools():
@@ -92,7 +94,20 @@ class ProxyServer:
         return endpoint
 
     def attach(self, endpoint: Endpoint, call: Call) -> None:
+        inflight = self.inflight
+        inflight[endpoint.address] = inflight.get(endpoint.address, 0) + 1
+        call.holding = True
         self.pool.get(endpoint.address).attach(call)
+
+    def release(self, call: Call) -> None:
+        if call.holding and call.endpoint is not None:
+            call.holding = False
+            address = call.endpoint.address
+            left = self.inflight[address] - 1
+            if left:
+                self.inflight[address] = left
+            else:
+                del self.inflight[address]
 
     # ------------------------------------------------------------------ lifecycle
 
