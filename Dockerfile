@@ -1,10 +1,11 @@
 # grpc-etcd-proxy in a container.
 #
 #   docker build -t grpc-etcd-proxy .
+#   docker run --rm -p 50051:50051 grpc-etcd-proxy --etcd http://etcd:2379 --target my-service
 #   docker run --rm -p 50051:50051 grpc-etcd-proxy --backend 10.0.0.7:50051 --backend 10.0.0.8:50051
 #
-# Without arguments it prints `serve --help`: until etcd discovery lands, the backends are
-# static and only the user knows them.
+# Without arguments it prints `serve --help`: only the user knows where etcd or the backends
+# are.
 
 # ---- build: the project's wheel, plus wheels of everything it depends on
 FROM python:3.11-slim AS build

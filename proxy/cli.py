@@ -271,12 +271,16 @@ async def serve(args: argparse.Namespace) -> int:
         default: TargetPool | None = static
         routes: dict[str, TargetPool] = {}
         if args.etcd:
-            from proxy.discovery.embedded import EmbeddedEtcd
+            from proxy.discovery.embedded import EmbeddedEtcd, EmbeddedEtcdError
             from proxy.discovery.watcher import EtcdDiscovery
 
             etcd = args.etcd
             if etcd == "embedded":
-                embedded = await stack.enter_async_context(EmbeddedEtcd())
+                try:
+                    embedded = await stack.enter_async_context(EmbeddedEtcd())
+                except EmbeddedEtcdError as exc:
+                    print(f"grpc-etcd-proxy: embedded etcd: {exc}", file=sys.stderr)
+                    return 1
                 etcd = embedded.endpoint
             targets = [t for t in [args.target, *(t for _, t in args.route)] if t]
             discovery = EtcdDiscovery(etcd_options(args, etcd), targets)
