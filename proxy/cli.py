@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from proxy import __version__
+from proxy.balancing import Balancer
 from proxy.h2.limits import Limits
 from proxy.pool.endpoints import TargetPool, static_pool
 from proxy.relay.server import ProxyServer, ServerOptions
@@ -163,6 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="send calls of this gRPC service (pkg.Service) to this target's pool (repeatable)",
     )
     _add_etcd_security(serve)
+    balancing = serve.add_argument_group("balancing")
+    balancing.add_argument(
+        "--policy",
+        choices=["round_robin", "least_request", "random"],
+        default="round_robin",
+        help="per-call policy (default round_robin); weights come from `weight` in metadata",
+    )
+    balancing.add_argument(
+        "--sticky-header",
+        metavar="NAME",
+        help="consistent hashing on this request header: one key, one backend, in every replica",
+    )
+    balancing.add_argument(
+        "--bounded-load",
+        type=float,
+        metavar="FACTOR",
+        help="with --sticky-header: a key whose backend has more than FACTOR x the average "
+        "calls in flight goes to the next one on the ring (off by default; e.g. 1.25)",
+    )
+    balancing.add_argument(
+        "--pin-header",
+        metavar="NAME",
+        help="this header names one instance (metadata id, last key segment or address); "
+        "the call goes there or fails with UNAVAILABLE",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     register = sub.add_parser(
@@ -293,7 +319,12 @@ async def serve(args: argparse.Namespace) -> int:
             # Serve at once: calls that come before the first listing get UNAVAILABLE with
             # the reason, rather than a refused connection.
         router = Router(default=default, routes=routes)
-        server = ProxyServer(router, limits, ServerOptions(max_attempts=args.max_attempts))
+        server = ProxyServer(
+            router,
+            limits,
+            ServerOptions(max_attempts=args.max_attempts),
+            balancer_from_args(args),
+        )
         stack.push_async_callback(server.close)
         host, port = args.listen
         await server.listen(host, port)
@@ -349,6 +380,15 @@ def run(coro_fn: object, args: argparse.Namespace) -> int:
         return int(asyncio.run(coro_fn(args)))  # type: ignore[operator]
 
 
+def balancer_from_args(args: argparse.Namespace) -> Balancer:
+    return Balancer(
+        args.policy,
+        sticky_header=args.sticky_header,
+        pin_header=args.pin_header,
+        bounded_load=args.bounded_load,
+    )
+
+
 def _check_etcd_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validate etcd flags up front, so a bad one exits 2 naming it, not at first use."""
     if not args.etcd or args.etcd == "embedded":
@@ -380,6 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("serve: --etcd needs --target NAME or --route SERVICE=TARGET")
         if (args.target or args.route) and not args.etcd:
             parser.error("serve: --target and --route need --etcd URL")
+        try:
+            balancer_from_args(args)
+        except ValueError as exc:
+            message = str(exc)
+            for option in ("sticky_header", "pin_header", "bounded_load", "policy"):
+                message = message.replace(option, "--" + option.replace("_", "-"))
+            parser.error(f"serve: {message}")
         return run(serve, args)
     if args.command == "register":
         return run(register, args)

@@ -48,6 +48,7 @@ class Refusal:
 
     status: Status
     message: str
+    final: bool = False  # the message stands as is, even after retries
 
 
 class CallRouter(Protocol):
@@ -172,7 +173,7 @@ class Call:
             return
         picked = self.router.pick(self)
         if isinstance(picked, Refusal):
-            self.fail(Status.UNAVAILABLE, self.no_backend_message())
+            self.fail(picked.status, picked.message if picked.final else self.no_backend_message())
             return
         self.attempts += 1
         self.endpoint = picked

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from proxy.balancing.round_robin import RoundRobin
+from proxy.balancing import Balancer, NoPick, NoPickKind
 from proxy.h2.errors import FloodError, H2ConnectionError
 from proxy.h2.limits import Limits
 from proxy.pool.connections import BackendPool
@@ -42,6 +42,7 @@ class ProxyServer:
         router: Router,
         limits: Limits | None = None,
         options: ServerOptions | None = None,
+        balancer: Balancer | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.router = router
@@ -54,7 +55,7 @@ class ProxyServer:
             connect_timeout_s=self.options.connect_timeout_s,
             max_connections_per_backend=self.options.max_connections_per_backend,
         )
-        self.balancer = RoundRobin()
+        self.balancer = balancer or Balancer()
         self.connections: set[Downstream] = set()
         # Calls in flight per backend address: what least-request and bounded load weigh.
         self.inflight: dict[str, int] = {}
@@ -86,12 +87,19 @@ class ProxyServer:
             )
         now = self.loop.time()
         pool = self.pool
-        endpoint = self.balancer.pick(
-            snap, call.headers, call.tried, lambda address: pool.usable(address, now)
+        picked = self.balancer.pick(
+            snap,
+            call.headers,
+            call.tried,
+            lambda address: pool.usable(address, now),
+            self.inflight,
         )
-        if endpoint is None:
+        if isinstance(picked, NoPick):
+            # A pinned session must learn that its instance is gone: that message is final.
+            if picked.kind in (NoPickKind.NO_INSTANCE, NoPickKind.INSTANCE_TRIED):
+                return Refusal(Status.UNAVAILABLE, picked.message, final=True)
             return Refusal(Status.UNAVAILABLE, call.no_backend_message())
-        return endpoint
+        return picked
 
     def attach(self, endpoint: Endpoint, call: Call) -> None:
         inflight = self.inflight
