@@ -71,6 +71,10 @@ class CachingEncoder:
         self._table = GenerationTable()
         self._encoder.header_table = self._table
         self._cache: dict[tuple[int, tuple[tuple[bytes, bytes], ...]], bytes] = {}
+        # A relay mostly re-encodes lists that a decoder cache handed out before, the very
+        # same list objects: (generation, block) by identity skips building the tuple key.
+        # The entry holds the list, so its id cannot be reused while the entry lives.
+        self._by_identity: dict[int, tuple[HeaderList, int, bytes]] = {}
 
     def set_max_table_size(self, size: int) -> None:
         # The peer's SETTINGS_HEADER_TABLE_SIZE bounds our table; we never grow past 4096 so
@@ -80,20 +84,34 @@ class CachingEncoder:
             self._encoder.header_table_size = size
 
     def encode(self, headers: HeaderList) -> bytes:
+        seen = self._by_identity.get(id(headers))
+        if seen is not None and seen[0] is headers and seen[1] == self._table.generation:
+            return seen[2]
+        block, replayable = self._encode(headers)
+        if replayable:
+            if len(self._by_identity) >= _CACHE_MAX:
+                self._by_identity.clear()
+            self._by_identity[id(headers)] = (headers, self._table.generation, block)
+        return block
+
+    def _encode(self, headers: HeaderList) -> tuple[bytes, bool]:
+        """The block, and whether encoding left the table as it was (only then may the same
+        headers at the same generation be answered with this block again)."""
         # Tuple equality ignores the NeverIndexedHeaderTuple subclass, so a list with a
         # never-indexed field would share a key with its indexable twin: such lists (rare:
-        # sensitive values) bypass the cache both ways.
+        # sensitive values) bypass the caches both ways.
         for header in headers:
             if not getattr(header, "indexable", True):
-                return bytes(self._encoder.encode(headers, huffman=True))
+                return bytes(self._encoder.encode(headers, huffman=True)), False
         key = (self._table.generation, tuple(headers))
         hit = self._cache.get(key)
         if hit is not None:
-            return hit
+            return hit, True
         resized = self._table.resized
         block: bytes = self._encoder.encode(headers, huffman=True)
         if self._table.generation == key[0] and not resized and len(block) <= _BLOCK_MAX:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = block
-        return block
+            return block, True
+        return block, False

@@ -20,7 +20,8 @@ class H2Protocol(asyncio.Protocol):
         self.closed = False
 
     def mark(self) -> None:
-        self.flusher.mark(self)
+        if not self.dirty:  # most marks repeat one made earlier in the same callback
+            self.flusher.mark(self)
 
     def flush(self) -> None:
         if self.closed or self.transport is None:
