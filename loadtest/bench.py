@@ -16,13 +16,11 @@ import argparse
 import datetime as dt
 import os
 import shlex
-import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from loadtest import ghz, h2load, procs, report, tools
@@ -543,14 +541,9 @@ def run_all(ctx: Context, sup: procs.Supervisor) -> list[Row]:
     return rows
 
 
-def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    signal.signal(signal.SIGHUP, _exit_on_sigterm)
+    procs.exit_on_termination()
     try:
         found = find_tools(args)
         pinning = choose_pinning(args)

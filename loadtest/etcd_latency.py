@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 import tempfile
 import time
@@ -38,7 +37,6 @@ import urllib.request
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, TypeVar
 
 import grpc
@@ -489,14 +487,9 @@ def metadata(
     return meta
 
 
-def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    signal.signal(signal.SIGHUP, _exit_on_sigterm)
+    procs.exit_on_termination()
     configure_logging()
     try:
         with (

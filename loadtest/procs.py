@@ -21,6 +21,17 @@ from types import TracebackType
 STOP_GRACE_S = 3.0
 
 
+def exit_on_termination() -> None:
+    """SIGTERM and SIGHUP end the run like Ctrl-C does: through SystemExit, so every
+    `finally` that stops a started process still runs."""
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGHUP, _exit)
+
+
 def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:
     """``argv`` run under ``taskset -c CPU``, or as is when ``cpu`` is None."""
     if cpu is None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import signal
 import statistics
 import sys
 import tempfile
@@ -278,14 +277,9 @@ def run_all(setup: Setup, sup: procs.Supervisor, goecho: Path) -> list[Run]:
     return runs
 
 
-def _exit_on_sigterm(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    signal.signal(signal.SIGHUP, _exit_on_sigterm)
+    procs.exit_on_termination()
     try:
         h2load_path = tools.find("h2load")
         if h2load_path is None:

@@ -192,10 +192,6 @@ class Connection:
         self._out = []
         return out[0] if len(out) == 1 else b"".join(out)
 
-    @property
-    def has_output(self) -> bool:
-        return bool(self._out)
-
     def _send_control(self, frame: bytes) -> None:
         """Queue a frame the peer made us send; counted while the peer is not reading, so a
         peer that floods PINGs or SETTINGS without reading cannot grow our memory."""

@@ -14,7 +14,6 @@ import proxy.balancing.balancer as balancer_module
 from proxy.balancing import Balancer, NoPick, NoPickKind
 from proxy.balancing.balancer import NO_CALLS
 from proxy.balancing.ring import HashRing
-from proxy.balancing.round_robin import RoundRobin
 from proxy.balancing.table import PoolTable
 from proxy.pool.endpoints import Endpoint, PoolSnapshot
 
@@ -193,7 +192,7 @@ def test_exclude_and_usable(policy: str, weights: list[int] | None) -> None:
 
 
 def test_round_robin_skip_hands_the_turn_to_the_next() -> None:
-    # As RoundRobin always did: a backend in backoff loses its turn to the next one, and
+    # As round robin always did: a backend in backoff loses its turn to the next one, and
     # the rotation carries on from there (no backend gets two turns in a row).
     snap = pool(4)
     balancer = Balancer(rng=random.Random(11))
@@ -256,14 +255,3 @@ def test_precomputation_happens_once_per_snapshot(monkeypatch: pytest.MonkeyPatc
         balancer.pick(other, [])
         balancer.pick(second, [])
     assert builds == {"table": 3, "ring": 2}
-
-
-def test_round_robin_class_keeps_its_signature() -> None:
-    """The server's RoundRobin still answers Endpoint | None over the same arguments."""
-    snap = pool(3)
-    rr = RoundRobin()
-    served = Counter(rr.pick(snap, []).address for _ in range(30))  # type: ignore[union-attr]
-    assert sorted(served.values()) == [10, 10, 10]
-    everything = {address(i) for i in range(3)}
-    assert rr.pick(snap, [], everything) is None
-    assert rr.pick(snapshot([]), []) is None
