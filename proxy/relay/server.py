@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -22,8 +24,12 @@ from proxy.relay.call import Call, Refusal
 from proxy.relay.downstream import Downstream
 from proxy.relay.flusher import Flusher
 from proxy.relay.grpc_status import Status
+from proxy.relay.stats import CallStats
 from proxy.routing import Router, service_of
 from proxy.units import SECONDS
+
+if TYPE_CHECKING:
+    from proxy.discovery.watcher import EtcdDiscovery
 
 log = structlog.get_logger("proxy.server")
 
@@ -60,6 +66,11 @@ class ProxyServer:
         # Calls in flight per backend address: what least-request and bounded load weigh.
         self.inflight: dict[str, int] = {}
         self.connection_errors: Counter[str] = Counter()
+        self.stats = CallStats()
+        # Set by whoever runs discovery, so the admin endpoint can report the watches.
+        self.discovery: EtcdDiscovery | None = None
+        self.draining = False
+        self.started_at = time.time()
         self._servers: list[asyncio.Server] = []
         for target_pool in router.pools():
             target_pool.subscribe(lambda _snap: self._pools_changed())
