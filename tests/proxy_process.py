@@ -11,10 +11,13 @@ Usage::
         ...  # the proxy accepts TCP connections on 127.0.0.1:port
 
 If ``args`` has no ``--listen``, a free port is picked and ``--listen 127.0.0.1:PORT`` is
-appended.  The proxy prints nothing guaranteed, so readiness means "its port accepts a TCP
-connection".  Its stdout and stderr go to temporary files; they are printed (so pytest
-shows them) when the proxy fails to start, exits early, or the ``with`` body raises, and
-:func:`proxy_output` reads them at any time.  At exit the proxy gets SIGTERM, then SIGKILL.
+appended. A ``serve`` without ``--admin`` (flag or ``GRPC_ETCD_PROXY_ADMIN`` in ``env``) gets
+``--admin 127.0.0.1:0``, so that proxies of parallel tests do not fight over port 9901.
+
+The proxy prints nothing guaranteed, so readiness means "its port accepts a TCP connection".
+Its stdout and stderr go to temporary files; they are printed (so pytest shows them) when the
+proxy fails to start, exits early, or the ``with`` body raises, and :func:`proxy_output` reads
+them at any time.  At exit the proxy gets SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -81,6 +84,10 @@ def listen_address(args: list[str]) -> str | None:
     return None
 
 
+def has_flag(args: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in args)
+
+
 def split_host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
@@ -132,6 +139,10 @@ def start_proxy(
         host, port = split_host_port(address)
 
     full_env = dict(os.environ if env is None else env)
+    if args[:1] == ["serve"] and not (
+        has_flag(args, "--admin") or "GRPC_ETCD_PROXY_ADMIN" in full_env
+    ):
+        args += ["--admin", "127.0.0.1:0"]
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     # Make `python -m proxy` import this checkout even without an editable install.
     full_env["PYTHONPATH"] = os.pathsep.join(

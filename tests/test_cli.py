@@ -37,7 +37,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
             "--max-concurrent-streams",
         ),
         (["serve", "--backend", "127.0.0.1:1", "--stream-window", "-5"], "--stream-window"),
-        (["serve", "--backend", "127.0.0.1:1", "--max-attempts", "x"], "--max-attempts"),
+        (["serve", "--backend", "127.0.0.1:1", "--max-retries", "x"], "--max-retries"),
+        (["serve", "--backend", "127.0.0.1:1", "--max-retries", "-1"], "--max-retries"),
+        (["serve", "--backend", "127.0.0.1:1", "--drain-timeout", "soon"], "--drain-timeout"),
+        (["serve", "--backend", "127.0.0.1:1", "--admin", "nowhere"], "--admin"),
+        (["serve", "--backend", "127.0.0.1:1", "--log-format", "xml"], "--log-format"),
         (["serve", "--backend", "127.0.0.1:1", "--log-level", "loud"], "--log-level"),
         (["serve"], "--backend"),
         (["serve", "--no-such-flag"], "--no-such-flag"),
@@ -64,7 +68,10 @@ def test_no_command_exits_2() -> None:
     ("args", "expected"),
     [
         (["--help"], ["serve", "demo"]),
-        (["serve", "--help"], ["--listen", "--backend", "--max-concurrent-streams"]),
+        (
+            ["serve", "--help"],
+            ["--listen", "--backend", "--max-concurrent-streams", "--config", "--admin"],
+        ),
         (["demo", "--help"], ["--duration", "--listen"]),
     ],
 )

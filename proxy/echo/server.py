@@ -22,6 +22,10 @@ Every call gets initial metadata ``x-backend: <name>`` and every response carrie
 ClientStreamingEcho answers with the concatenated messages, an empty payload and the
 total number of payload bytes received in trailer ``x-echo-payload-bytes``.
 
+The server also serves ``grpc.health.v1.Health`` (SERVING for ``""`` and ``echo.Echo``);
+:meth:`EchoServer.set_health` flips it, and so do SIGUSR1 (NOT_SERVING) and SIGUSR2 (SERVING)
+sent to ``python -m proxy.echo.server``.
+
 Calls that end cancelled (client cancel, deadline, connection loss) are counted in
 :attr:`EchoServicer.cancelled_calls` and logged as ``cancelled <method>`` so that tests
 driving a subprocess backend can observe them on stderr.
@@ -250,11 +254,20 @@ class EchoServer(grpc.Server):  # type: ignore[misc]  # grpc is untyped
     Delegates the ``grpc.Server`` API to the real server so callers can treat it as one.
     """
 
-    def __init__(self, server: grpc.Server, servicer: EchoServicer, host: str, port: int):
+    def __init__(
+        self,
+        server: grpc.Server,
+        servicer: EchoServicer,
+        host: str,
+        port: int,
+        health_servicer: health.HealthServicer,
+    ):
         self.server = server
         self.servicer = servicer
         self.host = host
         self.port = port
+        # grpc.health.v1 state: tests flip it with set_health() or .health.set(service, status).
+        self.health = health_servicer
 
     @property
     def name(self) -> str:
@@ -274,6 +287,14 @@ class EchoServer(grpc.Server):  # type: ignore[misc]  # grpc is untyped
     def wait_for_cancelled(self, count: int = 1, timeout: float = 5.0) -> bool:
         """See :meth:`EchoServicer.wait_for_cancelled`."""
         return self.servicer.wait_for_cancelled(count, timeout)
+
+    def set_health(self, serving: bool, service: str = "") -> None:
+        """Answer ``grpc.health.v1.Health/Check`` for ``service`` with SERVING or NOT_SERVING.
+
+        ``""`` is the server's overall health; :data:`SERVICE_NAME` is also registered.
+        """
+        response = health_pb2.HealthCheckResponse
+        self.health.set(service, response.SERVING if serving else response.NOT_SERVING)
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Any) -> None:
         self.server.add_generic_rpc_handlers(generic_rpc_handlers)
@@ -330,7 +351,7 @@ def serve(
     )
 
     server.start()
-    return EchoServer(server, servicer, host, bound), bound
+    return EchoServer(server, servicer, host, bound, health_servicer), bound
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,6 +374,15 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
     server, port = serve(args.port, args.host, args.name, args.workers)
+
+    def on_health_signal(signum: int, frame: FrameType | None) -> None:
+        serving = signum == signal.SIGUSR2
+        for service in ("", SERVICE_NAME):
+            server.set_health(serving, service)
+        log.info("health %s backend=%s", "SERVING" if serving else "NOT_SERVING", server.name)
+
+    signal.signal(signal.SIGUSR1, on_health_signal)
+    signal.signal(signal.SIGUSR2, on_health_signal)
     # Printed only once the server accepts calls: launchers wait for this line.
     print(f"listening {_bracket(args.host)}:{port}", flush=True)
     stop.wait()

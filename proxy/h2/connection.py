@@ -53,6 +53,9 @@ from proxy.h2.limits import Limits, RateCounter
 from proxy.h2.validation import validate_request, validate_response, validate_trailers
 
 _U32 = struct.Struct(">I")
+_FRAME_HEADER = fr._HEADER
+_PLAIN_HEADERS_MASK = fr.FLAG_END_HEADERS | fr.FLAG_PADDED | fr.FLAG_PRIORITY
+_END_HEADERS_STREAM = fr.FLAG_END_HEADERS | fr.FLAG_END_STREAM
 _U32X2 = struct.Struct(">II")
 _SETTING = struct.Struct(">HI")
 
@@ -62,6 +65,13 @@ _HTTP1_METHODS: Final = (
 )  # fmt: skip
 _RECENTLY_CLOSED_MAX: Final = 1024
 _UNLIMITED: Final = 1 << 62
+
+
+def _decode_error(exc: Exception) -> H2ConnectionError:
+    if isinstance(exc, OversizedHeaderListError):
+        return FloodError("header_list_size", f"header list too large: {exc}")
+    # HPACKError, or hpack's IndexError/ValueError/TypeError on garbage.
+    return H2ConnectionError(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}")
 
 
 class Role(Enum):
@@ -127,6 +137,9 @@ class Connection:
         # What we let the peer send.
         self._recv_conn_window = lim.connection_window
         self._conn_unacked = 0
+        # Precomputed: read on every DATA frame.
+        self._conn_update_at = lim.connection_window >> 1
+        self._stream_update_at = lim.stream_window_update_threshold
 
         self.highest_peer_stream_id = 0
         self._next_stream_id = 1
@@ -280,7 +293,7 @@ class Connection:
         if self._recv_conn_window < 0:
             raise H2ConnectionError(ErrorCode.FLOW_CONTROL_ERROR, "connection window exceeded")
         self._conn_unacked += flow_len
-        if self._conn_unacked >= self.limits.connection_window >> 1:
+        if self._conn_unacked >= self._conn_update_at:
             self._out.append(fr.window_update(0, self._conn_unacked))
             self._recv_conn_window += self._conn_unacked
             self._conn_unacked = 0
@@ -318,6 +331,10 @@ class Connection:
     def _receive_headers_frame(self, flags: int, sid: int, payload: bytes, ev: list[Event]) -> None:
         if sid == 0:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+        if flags & _PLAIN_HEADERS_MASK == fr.FLAG_END_HEADERS:
+            # One frame, no padding or priority: what every gRPC peer sends.
+            self._receive_header_block(sid, flags, payload, False, ev)
+            return
         start, stop = 0, len(payload)
         pad = 0
         if flags & fr.FLAG_PADDED:
@@ -364,25 +381,14 @@ class Connection:
             self._cont_parts = []
             self._receive_header_block(sid, self._cont_flags, block, self._cont_bad_priority, ev)
 
-    def _decode(self, block: bytes) -> HeaderList:
-        try:
-            return self._decoder.decode(block)
-        except OversizedHeaderListError as exc:
-            raise FloodError("header_list_size", f"header list too large: {exc}") from exc
-        except HPACKError as exc:
-            raise H2ConnectionError(
-                ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}"
-            ) from exc
-        except (IndexError, ValueError, TypeError) as exc:  # hpack's edge cases on garbage
-            raise H2ConnectionError(
-                ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}"
-            ) from exc
-
     def _receive_header_block(
         self, sid: int, flags: int, block: bytes, bad_priority: bool, ev: list[Event]
     ) -> None:
         # Decode first, whatever happens to the stream: the HPACK tables must stay in step.
-        headers = self._decode(block)
+        try:
+            headers = self._decoder.decode(block)
+        except (HPACKError, IndexError, ValueError, TypeError) as exc:
+            raise _decode_error(exc) from exc
         end_stream = bool(flags & fr.FLAG_END_STREAM)
         st = self.streams.get(sid)
         if st is None:
@@ -438,7 +444,10 @@ class Connection:
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, f"client opened even stream {sid}")
         self.highest_peer_stream_id = sid
         if self.goaway_sent is not None and sid > self.goaway_sent:
-            self._remember_closed(sid, Closed.RESET_BY_US)  # after our GOAWAY: ignored
+            # Above our GOAWAY's last id: never processed. RFC 9113 6.8 lets us drop it (as
+            # grpc-go and nghttp2 do), but saying so with REFUSED_STREAM also reaches a client
+            # that watches its stream rather than the GOAWAY; either way it may retry elsewhere.
+            self._reset(sid, ErrorCode.REFUSED_STREAM, ev, surface=False)
             return
         if bad_priority:
             self._reset(sid, ErrorCode.PROTOCOL_ERROR, ev, surface=False)
@@ -629,8 +638,12 @@ class Connection:
             self._close(st, Closed.BY_END_STREAM)
 
     def _close(self, st: Stream, how: Closed) -> None:
-        self.streams.pop(st.stream_id, None)
-        self._remember_closed(st.stream_id, how)
+        sid = st.stream_id
+        self.streams.pop(sid, None)
+        rc = self._recently_closed
+        rc[sid] = how
+        if len(rc) > _RECENTLY_CLOSED_MAX:
+            self._remember_closed(sid, how)  # evicts
 
     def _remember_closed(self, sid: int, how: Closed) -> None:
         """Bounded: the oldest entries go first (a stream that old gets treated as closed)."""
@@ -663,9 +676,7 @@ class Connection:
         st.headers_sent = True
         st.local_closed = end_stream
         self._pings_since_data = 0
-        self._out.append(
-            fr.headers(sid, self._encoder.encode(headers), end_stream, self._remote_max_frame_size)
-        )
+        self._write_headers(sid, self._encoder.encode(headers), end_stream)
         return sid
 
     @property
@@ -693,11 +704,17 @@ class Connection:
             st.pending_trailers = headers
             st.pending_end = True
             return
-        self._out.append(
-            fr.headers(sid, self._encoder.encode(headers), end_stream, self._remote_max_frame_size)
-        )
+        self._write_headers(sid, self._encoder.encode(headers), end_stream)
         if end_stream:
             self._local_end(st)
+
+    def _write_headers(self, sid: int, block: bytes, end_stream: bool) -> None:
+        n = len(block)
+        if n <= self._remote_max_frame_size:  # one frame: skip the general serializer
+            flags = _END_HEADERS_STREAM if end_stream else fr.FLAG_END_HEADERS
+            self._out.append(_FRAME_HEADER.pack((n << 8) | fr.HEADERS, flags, sid) + block)
+        else:
+            self._out.append(fr.headers(sid, block, end_stream, self._remote_max_frame_size))
 
     def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> int:
         """Queue data; write what the windows allow. Returns the bytes of this stream's queue
@@ -705,6 +722,28 @@ class Connection:
         st = self.streams.get(sid)
         if st is None or st.local_closed:
             return 0
+        n = len(data)
+        if (
+            not st.pending_len
+            and not self._write_paused
+            and n <= st.send_window
+            and n <= self._send_conn_window
+            and n <= self._remote_max_frame_size
+        ):
+            # Nothing queued and the windows allow it (the usual case): one frame, no queue.
+            if n:
+                st.send_window -= n
+                self._send_conn_window -= n
+                self._pings_since_data = 0
+            elif not end_stream:
+                return 0
+            self._out.append(
+                _FRAME_HEADER.pack((n << 8) | fr.DATA, fr.FLAG_END_STREAM if end_stream else 0, sid)
+                + data
+            )
+            if end_stream:
+                self._local_end(st)
+            return n
         if data:
             if st.pending is None:
                 st.pending = deque()
@@ -775,7 +814,7 @@ class Connection:
         if st is None or st.remote_closed:
             return
         st.unacked += length
-        if st.unacked >= self.limits.stream_window_update_threshold:
+        if st.unacked >= self._stream_update_at:
             self._out.append(fr.window_update(sid, st.unacked))
             st.recv_window += st.unacked
             st.unacked = 0

@@ -4,6 +4,8 @@ Per backend address: connections are opened when a call needs one and none has r
 is opened when the backend's MAX_CONCURRENT_STREAMS is reached; a connection that got GOAWAY
 takes no new streams and closes once its streams finish. A failed connect puts the address in
 exponential backoff (with jitter), which balancing avoids while other backends are usable.
+Connection-level failures (a failed connect, a handshake that timed out, a connection lost under
+calls) are also reported once each to `BackendPool.on_failure`, for outlier detection.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import random
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -99,14 +102,12 @@ class EndpointConnections:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, TimeoutError) as exc:
-            reason = (
-                "connect timed out"
-                if isinstance(exc, TimeoutError)
-                else (f"connect failed: {exc.strerror or exc}")
-            )
+            timed_out = isinstance(exc, TimeoutError)
+            reason = "connect timed out" if timed_out else f"connect failed: {exc.strerror or exc}"
             self.failures += 1
             delay = self.pool.backoff.delay(self.failures)
             self.retry_at = loop.time() + delay
+            self.pool.backing_off.add(self.address)
             log.warning(
                 "backend_connect_failed",
                 backend=self.address,
@@ -116,10 +117,12 @@ class EndpointConnections:
             )
             if conn in self.conns:
                 self.conns.remove(conn)
-            conn.connect_failed(reason)
+            self.pool.backend_failed(self.address)
+            conn.connect_failed(reason, "connect_timeout" if timed_out else "connect_failed")
             return
         self.failures = 0
         self.retry_at = 0.0
+        self.pool.backing_off.discard(self.address)
 
     def stream_finished(self, conn: BackendConnection) -> None:
         while self.backlog and conn.has_capacity:
@@ -148,7 +151,9 @@ class EndpointConnections:
             backlog, self.backlog = self.backlog, []
             for call in backlog:
                 call.parked_in = None
-                call.retry_or_fail("connection closed before the call could start")
+                call.retry_or_fail(
+                    "connection closed before the call could start", "closed_before_start"
+                )
 
     def close_idle(self) -> None:
         for conn in list(self.conns):
@@ -164,13 +169,18 @@ class BackendPool:
         connect_timeout_s: float = 5 * SECONDS,
         max_connections_per_backend: int = 16,
         backoff: Backoff | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.flusher = flusher
         self.limits = limits
         self.connect_timeout_s = connect_timeout_s
         self.max_connections_per_backend = max_connections_per_backend
         self.backoff = backoff or Backoff()
+        self.on_failure = on_failure
         self.endpoints: dict[str, EndpointConnections] = {}
+        # Addresses whose last connect failed (their backoff may be over): while there are
+        # none, balancing need not ask about backoff at all.
+        self.backing_off: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, address: str) -> EndpointConnections:
@@ -182,6 +192,10 @@ class BackendPool:
     def usable(self, address: str, now: float) -> bool:
         ep = self.endpoints.get(address)
         return ep is None or ep.usable(now)
+
+    def backend_failed(self, address: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure(address)
 
     def spawn(self, coro: asyncio.Future[None] | object, name: str) -> None:
         """Tasks are owned here (named, referenced) and cancelled on close."""
@@ -199,6 +213,7 @@ class BackendPool:
             ep.close_idle()
             if not ep.conns:
                 del self.endpoints[address]
+                self.backing_off.discard(address)
 
     async def close(self) -> None:
         for task in list(self._tasks):

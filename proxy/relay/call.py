@@ -12,15 +12,20 @@ stream windows.
 Until the backend answers, the call keeps a copy of the request bytes it sent (up to
 `replay_limit`). A call that reached no application code -- the connection could not be made,
 the backend refused the stream (REFUSED_STREAM), or the stream was above a GOAWAY's last id --
-is then replayed on another backend; only when every attempt fails does the client get
-UNAVAILABLE. Once response headers arrive, the copy is dropped and a failure is final.
+is then replayed on another backend, as long as attempts are left (`max_attempts`) and the
+retry budget has room (`CallRouter.retry`); otherwise the client gets UNAVAILABLE saying why.
+Once response headers arrive, the copy is dropped and a failure is final.
+
+However a call ends, it tells the router once (`call_ended`) with its grpc-status -- the
+backend's, the proxy's own, or CANCELLED when the client went away -- and whether the backend
+gave it (`answered`): that feeds the stats, outlier detection and the access log.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from proxy.h2.errors import ErrorCode, error_code_name
 from proxy.h2.events import HeaderList
@@ -28,14 +33,45 @@ from proxy.relay.grpc_status import Status, status_for_reset, trailers, trailers
 
 if TYPE_CHECKING:
     from proxy.h2.connection import Connection
-    from proxy.pool.endpoints import Endpoint
+    from proxy.pool.endpoints import Endpoint, TargetPool
     from proxy.relay.upstream import BackendConnection
+
+# Statuses as plain ints: an IntEnum member costs a metaclass lookup each time it is named,
+# and these are on the path of every call.
+_UNKNOWN: Final = int(Status.UNKNOWN)
+_INTERNAL: Final = int(Status.INTERNAL)
+_CANCELLED: Final = int(Status.CANCELLED)
+# grpc-status values as they come on the wire; anything else is UNKNOWN, as gRPC clients read it.
+_STATUS_VALUES: Final[dict[bytes, int]] = {b"%d" % code: int(code) for code in Status}
+# What a gRPC client makes of a response without grpc-status (http-grpc-status-mapping.md).
+_HTTP_TO_STATUS: Final[dict[bytes, int]] = {
+    b"400": Status.INTERNAL,
+    b"401": Status.UNAUTHENTICATED,
+    b"403": Status.PERMISSION_DENIED,
+    b"404": Status.UNIMPLEMENTED,
+    b"429": Status.UNAVAILABLE,
+    b"502": Status.UNAVAILABLE,
+    b"503": Status.UNAVAILABLE,
+    b"504": Status.UNAVAILABLE,
+}
+
+
+def grpc_status_of(headers: HeaderList) -> int:
+    """The status a client reads from a response's trailers (or trailers-only headers)."""
+    for name, value in headers:
+        if name == b"grpc-status":
+            return _STATUS_VALUES.get(value, _UNKNOWN)
+    for name, value in headers:
+        if name == b":status":
+            return int(_HTTP_TO_STATUS.get(value, _UNKNOWN))
+    return _UNKNOWN
 
 
 class ClientSide(Protocol):
     """What a call needs of the client connection it belongs to."""
 
     h2: Connection
+    peer: str
 
     def mark(self) -> None: ...
 
@@ -55,11 +91,26 @@ class CallRouter(Protocol):
     """What a call needs of the proxy: where to go next, and the way to get there."""
 
     def pick(self, call: Call) -> Endpoint | Refusal:
-        """An endpoint for this call (not one it tried), or why there is none."""
+        """An endpoint for this call (not one it tried), or why there is none. The first
+        pick (no attempt yet) also starts the call's clock."""
+        ...
+
+    def retry(self, call: Call, kind: str) -> Refusal | None:
+        """May the call be sent again (after a failure of `kind`)? None: yes, counted."""
+        ...
+
+    def backend_failed(self, address: str) -> None:
+        """A failure that outlier detection counts against this backend."""
+        ...
+
+    def call_ended(self, call: Call, status: int, answered: bool) -> None:
+        """The call is over with this grpc-status; `answered`: the backend gave the status.
+        Releases the call's endpoint as `release` does."""
         ...
 
     def attach(self, endpoint: Endpoint, call: Call) -> None:
-        """Send the call to this endpoint (counts it as in flight there)."""
+        """Send the call to this endpoint (counts it as in flight there, and as started
+        there on its first attempt)."""
         ...
 
     def release(self, call: Call) -> None:
@@ -86,17 +137,28 @@ class Call:
         "headers",
         "holding",
         "parked_in",
+        "path",
         "replay",
         "replay_len",
+        "request_bytes",
         "request_ended",
         "request_trailers",
+        "response_bytes",
         "response_started",
+        "retry_slot",
         "router",
         "sent",
+        "started_at",
+        "stats_row",
+        "target",
         "tried",
         "unsent",
         "upstream",
     )
+    # Set by the router's first pick, before anything can end the call: where it was routed,
+    # and when it started (loop time).
+    target: TargetPool | None
+    started_at: float
 
     def __init__(
         self,
@@ -127,13 +189,16 @@ class Call:
         self.tried: set[str] = set()
         self.errors: list[str] = []
         self.parked_in: list[Call] | None = None
-
-    @property
-    def path(self) -> bytes:
-        for name, value in self.headers:
+        path = b""
+        for name, value in headers:
             if name == b":path":
-                return value
-        return b""
+                path = value
+                break
+        self.path = path
+        self.request_bytes = 0  # DATA payload from the client, over all attempts
+        self.response_bytes = 0  # DATA payload from the backend
+        self.retry_slot = False  # holds a place in the retry budget until it ends
+        self.stats_row: list[float] | None = None  # its CallStats row, from its first pick
 
     # ------------------------------------------------------------------ choosing a backend
 
@@ -147,8 +212,9 @@ class Call:
         self.tried.add(picked.address)
         self.router.attach(picked, self)
 
-    def retry_or_fail(self, reason: str) -> None:
-        """The attempt reached no application code: try another backend, if allowed."""
+    def retry_or_fail(self, reason: str, kind: str) -> None:
+        """The attempt reached no application code: try another backend, if allowed.
+        `kind` names the failure in a word or two, for the retry counters."""
         if self.finished:
             return
         address = self.endpoint.address if self.endpoint else "?"
@@ -174,6 +240,10 @@ class Call:
         picked = self.router.pick(self)
         if isinstance(picked, Refusal):
             self.fail(picked.status, picked.message if picked.final else self.no_backend_message())
+            return
+        refused = self.router.retry(self, kind)
+        if refused is not None:
+            self.fail(refused.status, refused.message)
             return
         self.attempts += 1
         self.endpoint = picked
@@ -232,26 +302,30 @@ class Call:
         self.replay = None
         self.client.h2.send_headers(self.csid, headers, end_stream)
         self.client.mark()
-        if end_stream:
-            self._finish()
+        if end_stream:  # trailers-only: the status is in these headers
+            self._finish(grpc_status_of(headers), True)
 
     def on_response_data(self, data: bytes, end_stream: bool) -> None:
+        self.response_bytes += len(data)
         client = self.client
         flushed = client.h2.send_data(self.csid, data, end_stream)
         if flushed:
             self.on_client_flushed(flushed)
         client.mark()
         if end_stream:
-            self._finish()
+            # No trailers: gRPC clients fail such a call as INTERNAL.
+            self._finish(_INTERNAL, True)
 
     def on_response_trailers(self, headers: HeaderList) -> None:
         self.client.h2.send_headers(self.csid, headers, True)
         self.client.mark()
-        self._finish()
+        self._finish(grpc_status_of(headers), True)
 
     def on_backend_reset(self, code: int, remote: bool) -> None:
+        if remote and self.endpoint is not None:
+            self.router.backend_failed(self.endpoint.address)
         if remote and code == ErrorCode.REFUSED_STREAM and not self.response_started:
-            self.retry_or_fail("refused the stream (REFUSED_STREAM)")
+            self.retry_or_fail("refused the stream (REFUSED_STREAM)", "refused_stream")
             return
         who = "backend" if remote else "proxy"
         self.fail(
@@ -268,6 +342,7 @@ class Call:
     # ------------------------------------------------------------------ client side events
 
     def on_request_data(self, data: bytes, end_stream: bool) -> None:
+        self.request_bytes += len(data)
         if end_stream:
             self.request_ended = True
         if self.upstream is None:
@@ -293,8 +368,10 @@ class Call:
 
     def on_client_reset(self, code: int) -> None:
         """The client cancelled (RST_STREAM) or went away: cancel the backend stream."""
+        if self.finished:
+            return
         self.finished = True
-        self.router.release(self)
+        self.router.call_ended(self, _CANCELLED, False)
         if self.parked_in is not None:
             with contextlib.suppress(ValueError):
                 self.parked_in.remove(self)
@@ -318,10 +395,10 @@ class Call:
         up = self.upstream
         if up is not None:
             up.cancel(self)
-        self._finish()
+        self._finish(status, False)
 
-    def _finish(self) -> None:
+    def _finish(self, status: int, answered: bool) -> None:
         self.finished = True
-        self.router.release(self)
         self.replay = None
+        self.router.call_ended(self, status, answered)
         self.client.call_finished(self.csid)

@@ -79,6 +79,9 @@ class BackendConnection(H2Protocol):
             self._handshake_timer = None
         self.state = State.READY
         waiting, self.waiting = self.waiting, []
+        if waiting and self.h2.goaway_received is not None:
+            # Turned away before serving anything: as good as a failed connect.
+            self.owner.pool.backend_failed(self.owner.address)
         for call in waiting:
             call.parked_in = None
             if call.finished:
@@ -86,7 +89,7 @@ class BackendConnection(H2Protocol):
             if self.h2.can_open_stream:
                 self.open(call)
             elif self.h2.goaway_received is not None:
-                call.retry_or_fail("GOAWAY before the call could start")
+                call.retry_or_fail("GOAWAY before the call could start", "goaway")
             else:
                 self.owner.attach(call)  # over the backend's limit: another connection
 
@@ -95,20 +98,24 @@ class BackendConnection(H2Protocol):
         if self.state is State.HANDSHAKE:
             log.warning("backend_handshake_timeout", backend=self.owner.address)
             self.owner.connection_closed(self)
-            self.connect_failed("no SETTINGS from the backend (not an HTTP/2 server?)")
+            self.owner.pool.backend_failed(self.owner.address)
+            self.connect_failed(
+                "no SETTINGS from the backend (not an HTTP/2 server?)", "handshake_timeout"
+            )
             if self.transport is not None:
                 self.transport.close()
 
-    def connect_failed(self, reason: str) -> None:
+    def connect_failed(self, reason: str, kind: str) -> None:
         self.state = State.CLOSED
         self.closed = True
         waiting, self.waiting = self.waiting, []
         for call in waiting:
             call.parked_in = None
-            call.retry_or_fail(reason)
+            call.retry_or_fail(reason, kind)
 
     def connection_lost(self, exc: Exception | None) -> None:
         was_open = self.state is not State.CLOSED
+        in_handshake = self.state is State.HANDSHAKE
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.state = State.CLOSED
@@ -116,11 +123,15 @@ class BackendConnection(H2Protocol):
         self.owner.connection_closed(self)
         if not was_open:
             return
+        if in_handshake or self.calls or self.waiting:
+            # Once per connection, not per call: a lost connection is one event. A connection
+            # that goes idle and closes (a backend's max age, our own close) is no failure.
+            self.owner.pool.backend_failed(self.owner.address)
         reason = f"connection lost ({exc})" if exc else "closed the connection"
         waiting, self.waiting = self.waiting, []
         for call in waiting:  # never sent: safe to try elsewhere
             call.parked_in = None
-            call.retry_or_fail(reason)
+            call.retry_or_fail(reason, "closed_before_start")
         calls, self.calls = self.calls, {}
         for call in calls.values():
             call.on_upstream_lost(reason)
@@ -219,10 +230,17 @@ class BackendConnection(H2Protocol):
         self.state = State.DRAINING
         self.owner.connection_draining(self)
         # Streams above the last id never reached the application: replay them elsewhere.
-        for sid in [s for s in self.calls if s > last_stream_id]:
+        refused = [s for s in self.calls if s > last_stream_id]
+        if refused:
+            # A backend draining gracefully refuses nothing; one that drops work it was
+            # sent counts as one failure (per GOAWAY, not per call).
+            self.owner.pool.backend_failed(self.owner.address)
+        for sid in refused:
             call = self.calls.pop(sid)
             self.h2.reset_stream(sid, ErrorCode.CANCEL)
-            call.retry_or_fail(f"GOAWAY ({error_code_name(code)}) above stream {last_stream_id}")
+            call.retry_or_fail(
+                f"GOAWAY ({error_code_name(code)}) above stream {last_stream_id}", "goaway"
+            )
         if not self.calls:
             self.close()
 

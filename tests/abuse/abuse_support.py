@@ -31,8 +31,9 @@ class RunningProxy:
         return proxy_output(self.proc)
 
     def tripped(self, limit: str) -> bool:
-        """The proxy logged a connection closed for this abuse limit."""
-        return f"limit='{limit}'" in self.output()
+        """The proxy logged a connection closed for this abuse limit (its log lines are JSON
+        when stderr is not a terminal)."""
+        return f'"limit": "{limit}"' in self.output()
 
     def wait_tripped(self, limit: str, timeout: float = 5.0) -> str:
         deadline = time.monotonic() + timeout

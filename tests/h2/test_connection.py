@@ -404,13 +404,14 @@ def test_client_receives_goaway() -> None:
     assert not peer.conn.can_open_stream
 
 
-def test_server_ignores_streams_opened_after_its_goaway() -> None:
+def test_server_refuses_streams_opened_after_its_goaway() -> None:
     peer = Peer()
     open_request(peer)
     peer.conn.goaway()
     assert peer.out() == [Frame(fr.GOAWAY, 0, 0, struct.pack(">II", 1, 0))]
     assert peer.headers(3, REQUEST) == []
-    assert peer.feed(fr.data(3, b"x")) == []  # not even STREAM_CLOSED
+    assert peer.out() == [rst(3, ErrorCode.REFUSED_STREAM)]
+    assert peer.feed(fr.data(3, b"x")) == []  # refused by us: not even STREAM_CLOSED
     assert peer.out() == []
     assert peer.feed(fr.data(1, b"still here")) == [DataReceived(1, b"still here", False)]
 

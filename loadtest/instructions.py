@@ -1,0 +1,144 @@
+"""CPU instructions per serial call, HAProxy and this proxy side by side, under callgrind.
+
+Wall-clock latency on a shared 2-core machine moves 10-30 % between runs; the number of
+instructions a process executes per call does not (valgrind counts them, whatever else the
+machine does). So this is the repeatable meter for the hot path: run it before and after a
+change. It counts user-space instructions only: system calls and the kernel's TCP work, the
+same for both proxies, are not in it.
+
+    python -m loadtest.instructions                 # 1,000 calls each, about a minute
+    python -m loadtest.instructions --calls 3000 --only proxy
+
+Each proxy runs under ``valgrind --tool=callgrind`` in front of one goecho backend; h2load
+makes serial calls (c=1, m=1, 16-byte messages); the counters are zeroed after a warm-up
+(``callgrind_control -z``) and dumped after the measured calls (``-d``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from loadtest import bench, h2load, procs, tools
+
+_SUMMARY = re.compile(r"^summary:\s+(\d+)", re.M)
+
+
+def _callgrind(out: Path, argv: list[str]) -> list[str]:
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
+
+
+def _serial(h2load_path: str, url: str, body: Path, calls: int) -> None:
+    load = h2load.Load(clients=1, streams=1, requests=calls)
+    done = procs.run(h2load.argv(h2load_path, url, body, load, None), timeout_s=600)
+    report = h2load.parse(done.stdout) if done.returncode == 0 else None
+    if report is None or report.succeeded != calls:
+        raise RuntimeError(f"h2load did not complete {calls} calls:\n{done.stdout}{done.stderr}")
+
+
+def _control(command: str, pid: int) -> None:
+    done = procs.run(["callgrind_control", command, str(pid)], timeout_s=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"callgrind_control {command} failed: {done.stderr.strip()}")
+
+
+def measure(
+    sup: procs.Supervisor,
+    name: str,
+    argv: list[str],
+    port: int,
+    work: Path,
+    tools_: dict[str, str],
+    calls: int,
+    warmup: int,
+) -> float:
+    """Instructions per call of the process started by ``argv``, listening on ``port``."""
+    out = work / f"{name}.callgrind"
+    service = sup.start(name, _callgrind(out, argv))
+    failure = procs.wait_for_port(service, port, timeout_s=120)
+    if failure is not None:
+        raise RuntimeError(f"{failure}: {service.log_tail(5)}")
+    url = f"http://127.0.0.1:{port}{h2load.PATH}"
+    body = work / "body"
+    body.write_bytes(h2load.grpc_frame(bench.SMALL))
+    _serial(tools_["h2load"], url, body, warmup)
+    _control("-z", service.proc.pid)
+    _serial(tools_["h2load"], url, body, calls)
+    _control("-d", service.proc.pid)
+    sup.stop(service)
+    dumps = sorted(work.glob(f"{name}.callgrind.*"), key=lambda p: p.stat().st_mtime)
+    if not dumps:
+        raise RuntimeError(f"no callgrind dump for {name}")
+    match = _SUMMARY.search(dumps[-1].read_text(errors="replace"))
+    if match is None:
+        raise RuntimeError(f"no summary line in {dumps[-1]}")
+    return int(match.group(1)) / calls
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.instructions", description=__doc__)
+    parser.add_argument("--calls", type=int, default=1000, help="measured calls (default 1000)")
+    parser.add_argument("--warmup", type=int, default=200, help="calls before counting")
+    parser.add_argument("--only", default="haproxy,proxy", help="haproxy,proxy (default both)")
+    parser.add_argument(
+        "--proxy-cmd",
+        default=bench.DEFAULT_PROXY_CMD,
+        help="how to start the proxy (same fields as loadtest.bench's --proxy-cmd)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    wanted = [t.strip() for t in args.only.split(",") if t.strip()]
+    found = {name: tools.find(name) for name in ("valgrind", "callgrind_control", "h2load", "go")}
+    if "haproxy" in wanted:
+        found["haproxy"] = tools.find("haproxy")
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    paths = {name: path for name, path in found.items() if path is not None}
+    goecho = tools.build_goecho(paths["go"])
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
+        work = Path(tmp)
+        with procs.Supervisor(work / "logs", tools.REPO) as sup:
+            backend_port = procs.free_port()
+            backend = sup.start("goecho", [str(goecho), "-addr", f"127.0.0.1:{backend_port}"])
+            failure = procs.wait_for_port(backend, backend_port, timeout_s=30)
+            if failure is not None:
+                print(failure, file=sys.stderr)
+                return 2
+            backends = [f"127.0.0.1:{backend_port}"]
+            for name in wanted:
+                port = procs.free_port()
+                listen = f"127.0.0.1:{port}"
+                if name == "haproxy":
+                    cfg = work / "haproxy.cfg"
+                    cfg.write_text(bench.haproxy_config(listen, backends))
+                    cmd = [paths["haproxy"], "-db", "-f", str(cfg)]
+                elif name == "proxy":
+                    cmd = bench.proxy_argv(args.proxy_cmd, listen, backends)
+                else:
+                    print(f"unknown target {name!r}", file=sys.stderr)
+                    return 2
+                started = time.monotonic()
+                results[name] = measure(sup, name, cmd, port, work, paths, args.calls, args.warmup)
+                print(
+                    f"{name:8} {results[name]:12,.0f} instructions/call "
+                    f"({time.monotonic() - started:.0f} s under valgrind)",
+                    flush=True,
+                )
+    if "haproxy" in results and "proxy" in results:
+        print(f"ratio proxy/haproxy: {results['proxy'] / results['haproxy']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The admin endpoint: /metrics, /healthz, /readyz, /pool and a status page."""

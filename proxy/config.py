@@ -1,0 +1,750 @@
+"""The `serve` configuration: one table of settings, read from a TOML file, the environment and
+the command line, in that order of precedence (a flag wins over a variable, which wins over the
+file, which wins over the default).
+
+Every setting is described once, in `SETTINGS`: its converter (a string in, a value out, or a
+ValueError saying what was expected), its help and where it may come from. The flags, the
+environment variables (`GRPC_ETCD_PROXY_<NAME>`) and the TOML keys (`name`) are all generated
+from that table, so the three sources accept the same values and reject them with the same
+words. A bad value, an unknown TOML key or an unknown `GRPC_ETCD_PROXY_*` variable raises
+`ConfigError`, which names the setting and where it came from; the CLI exits 2 with it.
+
+Lists (`backend`, `route`) come whole from one source: `--backend` given once replaces the
+file's list, it does not add to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from proxy.h2.limits import Limits
+
+ENV_PREFIX = "GRPC_ETCD_PROXY_"
+DEFAULT_LISTEN = ("127.0.0.1", 50051)
+DEFAULT_ADMIN = ("127.0.0.1", 9901)
+POLICIES = ("round_robin", "least_request", "random")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "console")
+
+_LIMITS = Limits()
+
+HostPort = tuple[str, int]
+Route = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """Everything `serve` runs with; `sources` says where each value came from (see
+    `ConfigLoader.describe`)."""
+
+    listen: HostPort = DEFAULT_LISTEN
+    backend: tuple[str, ...] = ()
+    etcd: str | None = None
+    target: str | None = None
+    route: tuple[Route, ...] = ()
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password: str | None = None
+    policy: str = "round_robin"
+    sticky_header: str | None = None
+    bounded_load: float | None = None
+    pin_header: str | None = None
+    max_concurrent_streams: int = _LIMITS.max_concurrent_streams
+    max_header_list_size: int = _LIMITS.max_header_list_size
+    stream_window: int = _LIMITS.stream_window
+    max_retries: int = 2
+    retry_budget_percent: float = 20.0
+    retry_budget_min: int = 3
+    outlier_consecutive_failures: int = 5
+    outlier_base_ejection: float = 30.0
+    outlier_max_ejection: float = 300.0
+    outlier_max_ejection_percent: float = 10.0
+    health_check: bool = False
+    health_check_interval: float = 5.0
+    health_check_timeout: float = 1.0
+    health_check_service: str = ""
+    drain_timeout: float = 30.0
+    admin: HostPort | None = DEFAULT_ADMIN
+    workers: int = 1
+    log_format: str | None = None
+    log_level: str = "info"
+    access_log_sample: float = 1.0
+    config: str | None = None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
+# ---------------------------------------------------------------------------- converters
+# Each takes the text of one value and returns it converted, or raises ValueError with what
+# was expected; the caller adds which setting and which source.
+
+
+def hostport(value: str) -> HostPort:
+    """`host:port`, `[v6]:port` or `:port` (all interfaces)."""
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)
+
+
+def address(value: str) -> str:
+    host, port = hostport(value)
+    if port == 0:
+        raise ValueError(f"backend port must not be 0: {value!r}")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def admin_address(value: str) -> HostPort | None:
+    if value.strip().lower() == "off":
+        return None
+    try:
+        return hostport(value)
+    except ValueError:
+        raise ValueError(f"expected HOST:PORT or 'off', got {value!r}") from None
+
+
+def route(value: str) -> Route:
+    service, sep, target = value.partition("=")
+    if not sep or not service.strip() or not target.strip():
+        raise ValueError(f"expected SERVICE=TARGET, got {value!r}")
+    return service.strip(), target.strip()
+
+
+def _int(value: str, low: int) -> int:
+    text = value.strip()
+    if not (text.isdigit() or (text[:1] == "-" and text[1:].isdigit())) or int(text) < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"expected {what}, got {value!r}")
+    return int(text)
+
+
+def positive_int(value: str) -> int:
+    return _int(value, 1)
+
+
+def non_negative_int(value: str) -> int:
+    return _int(value, 0)
+
+
+def _float(value: str, what: str, ok: Callable[[float], bool]) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or not ok(number):
+        raise ValueError(f"expected {what}, got {value!r}")
+    return number
+
+
+def positive_seconds(value: str) -> float:
+    return _float(value, "a number of seconds > 0", lambda x: x > 0)
+
+
+def non_negative_seconds(value: str) -> float:
+    return _float(value, "a number of seconds >= 0", lambda x: x >= 0)
+
+
+def percent(value: str) -> float:
+    return _float(value, "a percentage from 0 to 100", lambda x: 0 <= x <= 100)
+
+
+def fraction(value: str) -> float:
+    return _float(value, "a number from 0 to 1", lambda x: 0 <= x <= 1)
+
+
+def bounded_load(value: str) -> float | None:
+    # The Balancer checks the range (> 1) and that a sticky header goes with it.
+    if not value.strip():
+        return None
+    return _float(value, "a number greater than 1 (e.g. 1.25)", lambda _: True)
+
+
+def boolean(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def optional(value: str) -> str | None:
+    """Free text; empty means unset."""
+    return value.strip() or None
+
+
+def text(value: str) -> str:
+    return value.strip()
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def convert(value: str) -> str:
+        if value.strip() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value.strip()
+
+    return convert
+
+
+def optional_one_of(*choices: str) -> Callable[[str], str | None]:
+    convert = one_of(*choices)
+    return lambda value: convert(value) if value.strip() else None
+
+
+# ---------------------------------------------------------------------------- the table
+
+Kind = Literal["scalar", "number", "bool", "list", "routes", "endpoints"]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting. `kind` says how the TOML file and the environment spell it: scalar (a
+    TOML string), number (a TOML number), bool, list (a TOML array; comma-separated in the
+    environment), routes (a TOML table or array of SERVICE=TARGET), endpoints (a TOML string
+    or array; comma-separated everywhere)."""
+
+    name: str
+    convert: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+    kind: Kind = "scalar"
+    group: str = "serve"
+    # Applied by SIGHUP; the others need a restart.
+    reloadable: bool = False
+    in_file: bool = True  # False: only a flag or a variable may set it
+    shown_default: str | None = None  # for --help, when the raw default reads badly
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def default(self) -> Any:
+        return _DEFAULTS[self.name]
+
+
+def _s(name: str, convert: Callable[[str], Any], help: str, **kw: Any) -> Setting:
+    return Setting(name, convert, help, **kw)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    _s("config", optional, "read settings from this TOML file", metavar="FILE", in_file=False),
+    _s(
+        "listen",
+        hostport,
+        "listen on HOST:PORT (':PORT' is every IPv4 interface)",
+        metavar="HOST:PORT",
+        shown_default="127.0.0.1:50051",
+    ),
+    _s(
+        "backend",
+        address,
+        "a static backend (repeatable)",
+        metavar="HOST:PORT",
+        kind="list",
+        reloadable=True,
+    ),
+    _s(
+        "etcd",
+        optional,
+        "etcd endpoints (host:port or http(s)://host:port), or 'embedded' to run a local etcd "
+        "on 127.0.0.1:2379 with its data under the user's cache",
+        metavar="URL[,URL...]",
+        kind="endpoints",
+        group="etcd",
+    ),
+    _s(
+        "target",
+        optional,
+        "the default pool: every key under NAME/ in etcd (what etcd:///NAME means to Go)",
+        metavar="NAME",
+        reloadable=True,
+    ),
+    _s(
+        "route",
+        route,
+        "send calls of this gRPC service (pkg.Service) to this target's pool (repeatable)",
+        metavar="SERVICE=TARGET",
+        kind="routes",
+        reloadable=True,
+    ),
+    _s("etcd_ca", optional, "CA certificate to verify etcd", metavar="FILE", group="etcd"),
+    _s("etcd_cert", optional, "client certificate for etcd", metavar="FILE", group="etcd"),
+    _s("etcd_key", optional, "client key for etcd", metavar="FILE", group="etcd"),
+    _s("etcd_user", optional, "etcd username", metavar="NAME", group="etcd"),
+    _s(
+        "etcd_password",
+        optional,
+        "etcd password (better in the environment than on the command line)",
+        metavar="PASSWORD",
+        group="etcd",
+    ),
+    _s(
+        "policy",
+        one_of(*POLICIES),
+        "per-call policy; weights come from `weight` in metadata",
+        metavar="{" + ",".join(POLICIES) + "}",
+        group="balancing",
+        reloadable=True,
+    ),
+    _s(
+        "sticky_header",
+        optional,
+        "consistent hashing on this request header: one key, one backend, in every replica",
+        metavar="NAME",
+        group="balancing",
+        reloadable=True,
+    ),
+    _s(
+        "bounded_load",
+        bounded_load,
+        "with --sticky-header: a key whose backend has more than FACTOR x the average calls in "
+        "flight goes to the next one on the ring (off when unset; e.g. 1.25)",
+        metavar="FACTOR",
+        kind="number",
+        group="balancing",
+        reloadable=True,
+    ),
+    _s(
+        "pin_header",
+        optional,
+        "this header names one instance (metadata id, last key segment or address); the call "
+        "goes there or fails with UNAVAILABLE",
+        metavar="NAME",
+        group="balancing",
+        reloadable=True,
+    ),
+    _s(
+        "max_concurrent_streams",
+        positive_int,
+        "streams per client connection",
+        metavar="N",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "max_header_list_size",
+        positive_int,
+        "decoded header list limit",
+        metavar="BYTES",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "stream_window",
+        positive_int,
+        "per-stream flow-control window, the most buffered per stream and direction",
+        metavar="BYTES",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "max_retries",
+        non_negative_int,
+        "other backends a call that reached no backend code may try",
+        metavar="N",
+        kind="number",
+        group="resilience",
+    ),
+    _s(
+        "retry_budget_percent",
+        percent,
+        "retries in flight may be at most this share of the calls in flight",
+        metavar="PERCENT",
+        kind="number",
+        group="resilience",
+    ),
+    _s(
+        "retry_budget_min",
+        non_negative_int,
+        "retries in flight always allowed, whatever the share",
+        metavar="N",
+        kind="number",
+        group="resilience",
+    ),
+    _s(
+        "outlier_consecutive_failures",
+        non_negative_int,
+        "failures in a row that eject a backend (0: no ejection)",
+        metavar="N",
+        kind="number",
+        group="resilience",
+    ),
+    _s(
+        "outlier_base_ejection",
+        positive_seconds,
+        "first ejection time; each further ejection lasts this x times ejected",
+        metavar="S",
+        kind="number",
+        group="resilience",
+    ),
+    _s(
+        "outlier_max_ejection",
+        positive_seconds,
+        "longest ejection",
+        metavar="S",
+        kind="number",
+        group="resilience",
+    ),
+    _s(
+        "outlier_max_ejection_percent",
+        percent,
+        "most of a pool ejected at once (one backend always may be)",
+        metavar="PERCENT",
+        kind="number",
+        group="resilience",
+    ),
+    _s(
+        "health_check",
+        boolean,
+        "check every backend with grpc.health.v1.Health/Check",
+        kind="bool",
+        group="resilience",
+    ),
+    _s(
+        "health_check_interval",
+        positive_seconds,
+        "time between two checks of a backend",
+        metavar="S",
+        kind="number",
+        group="resilience",
+    ),
+    _s(
+        "health_check_timeout",
+        positive_seconds,
+        "a check not answered within this counts as failed",
+        metavar="S",
+        kind="number",
+        group="resilience",
+    ),
+    _s(
+        "health_check_service",
+        text,
+        "service name asked about ('' is the server's overall health)",
+        metavar="NAME",
+        group="resilience",
+        shown_default="''",
+    ),
+    _s(
+        "drain_timeout",
+        non_negative_seconds,
+        "on SIGTERM/SIGINT, how long calls in flight may take to finish",
+        metavar="S",
+        kind="number",
+        group="operations",
+    ),
+    _s(
+        "admin",
+        admin_address,
+        "admin HTTP endpoint (/metrics, /healthz, /readyz, /pool, /), or 'off'",
+        metavar="HOST:PORT|off",
+        group="operations",
+        shown_default="127.0.0.1:9901",
+    ),
+    _s(
+        "workers",
+        positive_int,
+        "processes sharing the listen port (SO_REUSEPORT)",
+        metavar="N",
+        kind="number",
+        group="operations",
+    ),
+    _s(
+        "log_format",
+        optional_one_of(*LOG_FORMATS),
+        "log line format",
+        metavar="{json,console}",
+        group="operations",
+        shown_default="console when stderr is a terminal, else json",
+    ),
+    _s(
+        "log_level",
+        one_of(*LOG_LEVELS),
+        "least severe level logged",
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
+        group="operations",
+    ),
+    _s(
+        "access_log_sample",
+        fraction,
+        "share of calls that get an access log line (0: none)",
+        metavar="FRACTION",
+        kind="number",
+        group="operations",
+        reloadable=True,
+    ),
+)
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(ServeConfig) if f.name != "sources"
+}
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+if set(BY_NAME) != set(_DEFAULTS):  # pragma: no cover - a programming error, caught by tests
+    raise AssertionError(f"settings and ServeConfig differ: {set(BY_NAME) ^ set(_DEFAULTS)}")
+
+RELOADABLE = frozenset(s.name for s in SETTINGS if s.reloadable)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class ConfigError(Exception):
+    """A bad setting; `str()` names the source and the setting, e.g.
+    `config file proxy.toml: policy: expected one of ...`."""
+
+
+# ---------------------------------------------------------------------------- flags
+
+_GROUP_TITLES = {
+    "etcd": "etcd",
+    "balancing": "balancing",
+    "limits": "client connection limits",
+    "resilience": "retries, outlier detection and health checks",
+    "operations": "operations (admin endpoint, logs, drain, workers)",
+}
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, every one defaulting to None so that `flag_values` can tell
+    which were given. Values stay text here: `load` converts them like the other sources."""
+    groups: dict[str, Any] = {"serve": parser}
+    for setting in SETTINGS:
+        group = groups.get(setting.group)
+        if group is None:
+            group = groups[setting.group] = parser.add_argument_group(_GROUP_TITLES[setting.group])
+        reload = "; SIGHUP reloads it" if setting.reloadable else ""
+        help_text = f"{setting.help} (default {_shown_default(setting)}; env {setting.env}{reload})"
+        if setting.kind == "bool":
+            group.add_argument(
+                setting.flag,
+                dest=setting.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text.replace("%", "%%"),
+            )
+            continue
+        repeat = setting.kind in ("list", "routes")
+        group.add_argument(
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            action="append" if repeat else "store",
+            metavar=setting.metavar,
+            help=help_text.replace("%", "%%"),
+        )
+
+
+def _shown_default(setting: Setting) -> str:
+    if setting.shown_default is not None:
+        return setting.shown_default
+    default = setting.default
+    if default is None or default == ():
+        return "none"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (text, a list of text, or a bool)."""
+    return {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) is not None}
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass(slots=True)
+class _Layer:
+    """Values of one source, converted, with a description of where each came from."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    where: dict[str, str] = field(default_factory=dict)
+
+
+def load(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    *,
+    check: Callable[[ServeConfig], None] | None = None,
+) -> ServeConfig:
+    """Defaults < TOML file < environment < flags, converted and checked.
+
+    `flags` is `flag_values(args)`. `check` runs the checks that need the whole config (the
+    CLI's: etcd flags, the balancer); it raises ConfigError. Raises ConfigError naming the
+    setting and its source."""
+    env = dict(os.environ if environ is None else environ)
+    from_flags = _from_flags(flags)
+    from_env = _from_env(env)
+    path = from_flags.values.get("config", from_env.values.get("config"))
+    from_file = _from_file(path) if path else _Layer()
+    values: dict[str, Any] = dict(_DEFAULTS)
+    sources: dict[str, str] = {}
+    for layer in (from_file, from_env, from_flags):
+        values.update(layer.values)
+        sources.update(layer.where)
+    config = ServeConfig(**values, sources=sources)
+    _check_ranges(config)
+    if check is not None:
+        check(config)
+    return config
+
+
+def describe(config: ServeConfig, name: str) -> str:
+    """Where a setting came from, as a user would look for it: `--policy`,
+    `GRPC_ETCD_PROXY_POLICY`, `policy (config file proxy.toml)`; the flag when defaulted."""
+    return config.sources.get(name, BY_NAME[name].flag)
+
+
+def _from_flags(flags: Mapping[str, Any]) -> _Layer:
+    layer = _Layer()
+    for name, raw in flags.items():
+        setting = BY_NAME[name]
+        source = setting.flag
+        if setting.kind == "bool":
+            value: Any = bool(raw)
+        elif setting.kind in ("list", "routes"):
+            value = tuple(_convert(setting, item, source) for item in raw)
+        else:
+            value = _convert(setting, raw, source)
+        layer.values[name] = value
+        layer.where[name] = source
+    return layer
+
+
+def _from_env(environ: Mapping[str, str]) -> _Layer:
+    layer = _Layer()
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        source = f"environment {var}"
+        setting = BY_NAME.get(var[len(ENV_PREFIX) :].lower())
+        if setting is None or setting.env != var:
+            raise ConfigError(f"{source}: unknown setting{_suggest(var, _env_names())}")
+        raw = environ[var]
+        if setting.kind in ("list", "routes"):
+            items = [item for item in raw.split(",") if item.strip()]
+            value: Any = tuple(_convert(setting, item, source) for item in items)
+        else:
+            value = _convert(setting, raw, source)
+        layer.values[setting.name] = value
+        layer.where[setting.name] = var
+    return layer
+
+
+def _env_names() -> list[str]:
+    return [s.env for s in SETTINGS]
+
+
+def _from_file(path: str) -> _Layer:
+    label = f"config file {path}"
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"{label}: cannot read it: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+    layer = _Layer()
+    file_keys = [s.name for s in SETTINGS if s.in_file]
+    for key, raw in document.items():
+        setting = BY_NAME.get(key)
+        if setting is None or not setting.in_file:
+            hint = _suggest(key, file_keys)
+            if setting is not None:
+                hint = " here (give it as a flag or in the environment)"
+            raise ConfigError(f"{label}: {key}: unknown setting{hint}")
+        source = f"{label}: {key}"
+        layer.values[key] = _from_toml(setting, raw, source)
+        layer.where[key] = f"{key} ({label})"
+    return layer
+
+
+def _from_toml(setting: Setting, raw: Any, source: str) -> Any:
+    kind = setting.kind
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{source}: expected true or false, got {_toml_repr(raw)}")
+        return raw
+    if kind == "number":
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{source}: expected a number, got {_toml_repr(raw)}")
+        return _convert(setting, str(raw), source)
+    if kind == "list":
+        if not isinstance(raw, list):
+            raise ConfigError(f"{source}: expected an array of strings, got {_toml_repr(raw)}")
+        return tuple(_convert(setting, _toml_str(item, source), source) for item in raw)
+    if kind == "routes":
+        if isinstance(raw, dict):
+            items = [f"{service}={_toml_str(target, source)}" for service, target in raw.items()]
+        elif isinstance(raw, list):
+            items = [_toml_str(item, source) for item in raw]
+        else:
+            raise ConfigError(
+                f'{source}: expected a table {{"pkg.Service" = "target"}} or an array of '
+                f'"SERVICE=TARGET", got {_toml_repr(raw)}'
+            )
+        return tuple(_convert(setting, item, source) for item in items)
+    if kind == "endpoints" and isinstance(raw, list):
+        return _convert(setting, ",".join(_toml_str(item, source) for item in raw), source)
+    return _convert(setting, _toml_str(raw, source), source)
+
+
+def _toml_str(raw: Any, source: str) -> str:
+    if not isinstance(raw, str):
+        raise ConfigError(f"{source}: expected a string, got {_toml_repr(raw)}")
+    return raw
+
+
+def _toml_repr(raw: Any) -> str:
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    if isinstance(raw, dict):
+        return "a table"
+    if isinstance(raw, list):
+        return "an array"
+    return repr(raw)
+
+
+def _convert(setting: Setting, raw: str, source: str) -> Any:
+    try:
+        return setting.convert(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _suggest(word: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_ranges(config: ServeConfig) -> None:
+    """Checks between settings that need no other module."""
+    if config.outlier_max_ejection < config.outlier_base_ejection:
+        raise ConfigError(
+            f"{describe(config, 'outlier_max_ejection')}: must be at least "
+            f"{describe(config, 'outlier_base_ejection')} ({config.outlier_base_ejection} s), "
+            f"got {config.outlier_max_ejection}"
+        )
+
+
+def replace(config: ServeConfig, **changes: Any) -> ServeConfig:
+    return dataclasses.replace(config, **changes)
+
+
+def changed(old: ServeConfig, new: ServeConfig) -> list[str]:
+    """Names of the settings whose values differ."""
+    return [s.name for s in SETTINGS if getattr(old, s.name) != getattr(new, s.name)]

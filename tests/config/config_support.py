@@ -1,0 +1,139 @@
+"""Helpers for the config tests: running the CLI, and client traffic that records every call.
+
+Import as ``from config_support import ...`` (this folder is on ``sys.path`` under pytest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from backends import echo_stub, open_channel
+from proxy_process import REPO_ROOT, proxy_output
+
+from proxy.echo import echo_pb2
+
+CALL_TIMEOUT_S = 10.0
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m proxy *args` to its end; `env` is added to a copy of os.environ."""
+    pythonpath = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_ETCD_PROXY_")}
+    full_env.update(env or {})
+    full_env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=REPO_ROOT,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def wait_serving(target: str) -> None:
+    """Wait until a call through `target` succeeds."""
+    request = echo_pb2.EchoRequest(message="probe")
+    with open_channel(target) as channel:
+        stub = echo_stub(channel)
+
+        def answers() -> bool:
+            try:
+                stub.UnaryEcho(request, timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError:
+                return False
+            return True
+
+        wait_for(answers, f"a call through {target} to succeed")
+
+
+def log_events(proc: subprocess.Popen[bytes], event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of the proxy (stderr not a terminal: JSON) with this event."""
+    found = []
+    for line in proxy_output(proc).splitlines():
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                found.append(record)
+    return found
+
+
+class Traffic:
+    """`callers` threads making UnaryEcho calls through `target` back to back until `stop`.
+
+    `answers` holds, in order, the backend that answered each call; `errors` every failure.
+    """
+
+    def __init__(self, target: str, callers: int = 4) -> None:
+        self.channel = open_channel(target)
+        self.stub = echo_stub(self.channel)
+        self.answers: list[str] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"caller-{i}", daemon=True)
+            for i in range(callers)
+        ]
+
+    def __enter__(self) -> Traffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(CALL_TIMEOUT_S + 5)
+        self.channel.close()
+
+    def _run(self) -> None:
+        request = echo_pb2.EchoRequest(message="x")
+        while not self._stop.is_set():
+            try:
+                reply = self.stub.UnaryEcho(request, timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                with self._lock:
+                    self.errors.append(f"{exc.code()}: {exc.details()}")
+                continue
+            with self._lock:
+                self.answers.append(reply.backend)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def between(self, start: int, end: int) -> Counter[str]:
+        """Which backends gave answers start..end-1 (in the order answers came)."""
+        with self._lock:
+            return Counter(self.answers[start:end])
+
+
+def register(etcd: Any, key: str, address: str) -> None:
+    """Put the value Go's etcd naming package writes under `key`."""
+    etcd.etcdctl("put", key, json.dumps({"Op": 0, "Addr": address, "Metadata": None}))

@@ -1,0 +1,141 @@
+"""SIGHUP reloads routes and balancing from the file and the environment, under traffic,
+without a failed call: real proxy processes, real grpcio backends and clients, a real etcd for
+the routes. Each test waits for the proxy's own log line saying the reload happened, never
+for a fixed time."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+from backends import EchoBackendsFactory, echo_stub, open_channel
+from config_support import Traffic, log_events, register, wait_for, wait_serving
+from etcd_support import EtcdServer
+from proxy_process import start_proxy
+
+from proxy.echo import echo_pb2
+
+CALLERS = 4
+STREAM_MESSAGES = 20
+
+
+def reload(proc: subprocess.Popen[bytes], event: str = "config.reloaded") -> dict[str, object]:
+    """SIGHUP, then the log line `event` that it caused."""
+    before = len(log_events(proc, event))
+    proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(log_events(proc, event)) > before, f"the proxy to log {event}")
+    return log_events(proc, event)[-1]
+
+
+def answers_after_now(traffic: Traffic, calls: int = 60) -> dict[str, int]:
+    """Who answers the next `calls` calls; the first few, which may have been picked before
+    the moment we look, are skipped."""
+    mark = traffic.count() + CALLERS
+    wait_for(lambda: traffic.count() >= mark + calls, f"{calls} more calls")
+    return dict(traffic.between(mark, mark + calls))
+
+
+def test_sighup_swaps_backends_and_policy_under_traffic_without_failed_calls(
+    tmp_path: Path, echo_backends: EchoBackendsFactory
+) -> None:
+    b0, b1, b2 = echo_backends(3)
+    path = tmp_path / "proxy.toml"
+    path.write_text(f'backend = ["{b0.address}"]\npolicy = "round_robin"\n')
+    with start_proxy(["serve", "--config", str(path)]) as (proc, port):
+        target = f"127.0.0.1:{port}"
+        with open_channel(target) as stream_channel, Traffic(target, CALLERS) as traffic:
+            # A stream that outlives the reload: it must stay on its backend to the end.
+            stream = echo_stub(stream_channel).ServerStreamingEcho(
+                echo_pb2.EchoRequest(message="s", count=STREAM_MESSAGES),
+                metadata=[("x-echo-interval-ms", "100")],
+                timeout=60,
+            )
+            first = next(stream)
+            assert answers_after_now(traffic) == {b0.name: 60}
+
+            path.write_text(
+                f'backend = ["{b1.address}", "{b2.address}"]\npolicy = "least_request"\n'
+            )
+            line = reload(proc)
+            assert line["changed"] == ["backend", "policy"], line
+            after = answers_after_now(traffic)
+            assert set(after) == {b1.name, b2.name}, after
+
+            rest = list(stream)
+            traffic.stop()
+            assert traffic.errors == [], traffic.errors[:5]
+        assert [first.backend, *(r.backend for r in rest)] == [b0.name] * STREAM_MESSAGES
+
+
+def test_a_bad_file_on_reload_is_ignored_and_unreloadable_changes_are_logged(
+    tmp_path: Path, echo_backends: EchoBackendsFactory
+) -> None:
+    b0, b1 = echo_backends(2)
+    path = tmp_path / "proxy.toml"
+    path.write_text(f'backend = ["{b0.address}"]\n')
+    with start_proxy(["serve", "--config", str(path)]) as (proc, port):
+        with Traffic(f"127.0.0.1:{port}", CALLERS) as traffic:
+            assert answers_after_now(traffic) == {b0.name: 60}
+
+            path.write_text(f'backend = ["{b1.address}"\n')  # not TOML
+            failed = reload(proc, "config.reload_failed")
+            assert "not valid TOML" in str(failed["error"]), failed
+            path.write_text(f'backend = ["{b1.address}"]\npolicy = "fastest"\n')
+            failed = reload(proc, "config.reload_failed")
+            assert "policy: expected one of" in str(failed["error"]), failed
+            assert answers_after_now(traffic) == {b0.name: 60}
+
+            # Connection limits and the process layout cannot change under running clients:
+            # kept, and said so; the rest of the file applies.
+            path.write_text(
+                f'backend = ["{b1.address}"]\nmax_concurrent_streams = 10\nworkers = 2\n'
+                "access_log_sample = 0\n"
+            )
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: log_events(proc, "config.restart_needed"), "restart_needed")
+            line = log_events(proc, "config.restart_needed")[-1]
+            assert line["settings"] == ["max_concurrent_streams", "workers"], line
+            wait_for(lambda: log_events(proc, "config.reloaded"), "the rest applied")
+            line = log_events(proc, "config.reloaded")[-1]
+            assert line["changed"] == ["backend", "access_log_sample"], line
+            assert answers_after_now(traffic) == {b1.name: 60}
+
+            traffic.stop()
+            assert traffic.errors == [], traffic.errors[:5]
+            # The access log was on for b0's calls and is off for b1's.
+            logged = Counter(line["backend"] for line in log_events(proc, "call"))
+            assert logged[b0.address] >= 60 and logged[b1.address] == 0, logged
+        assert proc.poll() is None
+
+
+def test_sighup_routes_a_service_to_a_target_not_watched_before(
+    tmp_path: Path, echo_backends: EchoBackendsFactory, etcd: EtcdServer
+) -> None:
+    a0, b0 = echo_backends(2)
+    register(etcd, f"a/{a0.address}", a0.address)
+    register(etcd, f"b/{b0.address}", b0.address)
+    path = tmp_path / "proxy.toml"
+    path.write_text(f'etcd = "{etcd.endpoint}"\ntarget = "a"\n')
+    with start_proxy(["serve", "--config", str(path)]) as (proc, port):
+        # Calls before the first etcd listing fail by design (UNAVAILABLE, with the reason).
+        wait_serving(f"127.0.0.1:{port}")
+        with Traffic(f"127.0.0.1:{port}", CALLERS) as traffic:
+            assert answers_after_now(traffic) == {a0.name: 60}
+
+            # Target b gets its etcd watch now; calls move once its first listing is in.
+            path.write_text(f'etcd = "{etcd.endpoint}"\ntarget = "a"\n[route]\n"echo.Echo" = "b"\n')
+            line = reload(proc)
+            assert line["changed"] == ["route"], line
+            assert answers_after_now(traffic) == {b0.name: 60}
+
+            path.write_text(f'etcd = "{etcd.endpoint}"\ntarget = "b"\nroute = []\n')
+            reload(proc)
+            assert answers_after_now(traffic) == {b0.name: 60}
+            path.write_text(f'etcd = "{etcd.endpoint}"\ntarget = "a"\n')
+            reload(proc)
+            assert answers_after_now(traffic) == {a0.name: 60}
+
+            traffic.stop()
+            assert traffic.errors == [], traffic.errors[:5]
