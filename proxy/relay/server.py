@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from random import random
+from time import perf_counter
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -24,7 +25,7 @@ from proxy.h2.errors import FloodError, H2ConnectionError
 from proxy.h2.limits import Limits
 from proxy.health.outlier import OutlierDetector
 from proxy.pool.connections import BackendPool
-from proxy.pool.endpoints import Endpoint, TargetPool
+from proxy.pool.endpoints import Endpoint, PoolSnapshot, TargetPool
 from proxy.relay.call import Call, Refusal
 from proxy.relay.downstream import Downstream
 from proxy.relay.flusher import Flusher
@@ -124,6 +125,9 @@ class ProxyServer:
         # Every pool listened to: those of the first router, then those reloads brought. A
         # listener is never removed; one left on a pool no longer routed to is harmless.
         self._subscribed_pools: set[TargetPool] = set()
+        self._pool_addresses: dict[str, frozenset[str]] = {
+            pool.target: pool.snapshot.addresses for pool in router.pools()
+        }
         self._subscribe(router)
 
     # ------------------------------------------------------------------ CallRouter
@@ -139,7 +143,9 @@ class ProxyServer:
     def pick(self, call: Call) -> Endpoint | Refusal:
         now = self.loop.time()
         if not call.attempts:  # its first pick: the call starts now
-            call.started_at = now
+            # Not loop.time(): uvloop's is libuv's cached millisecond clock, too coarse for
+            # the sub-millisecond buckets of the duration histogram.
+            call.started_at = perf_counter()
         path = call.path
         target = self.router.route(path)
         call.target = target
@@ -209,7 +215,7 @@ class ProxyServer:
             self.outliers.failed(address, pools)
 
     def call_ended(self, call: Call, status: int, answered: bool) -> None:
-        duration = self.loop.time() - call.started_at
+        duration = perf_counter() - call.started_at
         endpoint = call.endpoint
         row = call.stats_row
         if endpoint is None:
@@ -303,7 +309,22 @@ class ProxyServer:
         for target_pool in router.pools():
             if target_pool not in self._subscribed_pools:
                 self._subscribed_pools.add(target_pool)
-                target_pool.subscribe(lambda _snap: self._pools_changed())
+                target_pool.subscribe(self._pool_changed)
+
+    def _pool_changed(self, snap: PoolSnapshot) -> None:
+        """One line per change of a pool (not per call): what joined, what left."""
+        before = self._pool_addresses.get(snap.target, frozenset())
+        self._pool_addresses[snap.target] = snap.addresses
+        added, removed = snap.addresses - before, before - snap.addresses
+        if added or removed:
+            log.info(
+                "pool_changed",
+                target=snap.target,
+                added=sorted(added),
+                removed=sorted(removed),
+                size=len(snap.addresses),
+            )
+        self._pools_changed()
 
     def _pools_changed(self) -> None:
         live: set[str] = set()

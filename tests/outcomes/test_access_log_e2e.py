@@ -56,3 +56,21 @@ def test_sampled_or_off(
         assert lines == logged
     else:  # binomial(200, 0.5): outside 50..150 once in ~10^12 runs
         assert 50 <= lines <= 150
+
+
+def test_durations_are_finer_than_a_millisecond(echo_backends: EchoBackendsFactory) -> None:
+    """The served proxy runs on uvloop, whose loop.time() is a cached millisecond clock:
+    timing calls with it would make every fast call 0 or 1 ms (and the histogram's
+    sub-millisecond buckets useless). Durations come from a fine clock."""
+    [echo] = echo_backends(1)
+    with start_proxy(serve_args(echo.address)) as (proc, port):
+        with open_channel(f"127.0.0.1:{port}") as channel:
+            stub = echo_stub(channel)
+            for _ in range(20):
+                stub.UnaryEcho(EchoRequest(message="x"), timeout=10)
+        deadline = time.monotonic() + 5
+        while len(log_events(proc, "call")) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        durations = [event["duration_ms"] for event in log_events(proc, "call")]
+    assert len(durations) == 20
+    assert any(d != round(d) for d in durations), durations

@@ -13,7 +13,7 @@ from backends import EchoBackendsFactory
 from outcomes_support import ClosedPort
 
 from proxy.echo import echo_pb2, echo_pb2_grpc
-from proxy.pool.endpoints import static_pool
+from proxy.pool.endpoints import Endpoint, static_pool
 from proxy.relay import server as server_module
 from proxy.relay.server import ProxyServer, ServerOptions
 from proxy.relay.stats import NO_BACKEND
@@ -177,3 +177,26 @@ async def test_retries_are_counted_by_kind(
     # Each call is counted once, on the backend that last served it.
     assert sum(n for (_, b), n in server.stats.started.items()) == 4
     assert server.stats.finished[(UNARY, backend.address, 0)][0] == 4
+
+
+async def test_a_pool_change_is_logged_once_with_what_joined_and_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    logs = AccessLog()  # records .info() calls; the module's logger may be cached elsewhere
+    monkeypatch.setattr(server_module, "log", logs)
+    pool = static_pool("echo", ["127.0.0.1:1", "127.0.0.1:2"])
+    server = ProxyServer(Router(default=pool))
+    try:
+        pool.update([Endpoint("127.0.0.1:2"), Endpoint("127.0.0.1:3")])
+        pool.update([Endpoint("127.0.0.1:2"), Endpoint("127.0.0.1:3")])  # no change
+        assert [e for e in logs if e["event"] == "pool_changed"] == [
+            {
+                "event": "pool_changed",
+                "target": "echo",
+                "added": ["127.0.0.1:3"],
+                "removed": ["127.0.0.1:1"],
+                "size": 2,
+            }
+        ]
+    finally:
+        await server.close()
