@@ -456,26 +456,10 @@ async def _start_admin(
     stack: contextlib.AsyncExitStack, server: ProxyServer, address: tuple[str, int]
 ) -> bool:
     from proxy.admin.app import ServerAdmin
-    from proxy.admin.http import start_admin
+    from proxy.admin.http import admin_on
 
-    host, port = address
-    try:
-        admin = await start_admin(ServerAdmin(server), host, port)
-    except OSError as exc:
-        print(
-            f"grpc-etcd-proxy: --admin {host}:{port}: cannot listen: {exc.strerror or exc} "
-            "(another proxy may be using it: give each its own --admin HOST:PORT, or --admin off)",
-            file=sys.stderr,
-        )
-        return False
-
-    async def close() -> None:
-        admin.close()
-        with contextlib.suppress(Exception):
-            await admin.wait_closed()
-
-    stack.push_async_callback(close)
-    return True
+    hint = " (another proxy may be using it: give each its own --admin HOST:PORT, or --admin off)"
+    return await admin_on(stack, ServerAdmin(server), *address, hint=hint)
 
 
 def _tune_gc() -> None:

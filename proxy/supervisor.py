@@ -77,20 +77,13 @@ class WorkerRole:
 
     async def start_admin(self, stack: contextlib.AsyncExitStack, server: ProxyServer) -> None:
         from proxy.admin.app import ServerAdmin
-        from proxy.admin.http import start_admin
+        from proxy.admin.http import admin_on
 
+        path = self.admin_socket
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.admin_socket)  # left by this worker's previous life
-        admin = await start_admin(
-            ServerAdmin(server, worker=self.index), "", None, self.admin_socket
-        )
-
-        async def close() -> None:
-            admin.close()
-            with contextlib.suppress(Exception):
-                await admin.wait_closed()
-
-        stack.push_async_callback(close)
+            os.unlink(path)  # left by this worker's previous life
+        if not await admin_on(stack, ServerAdmin(server, worker=self.index), "", None, path):
+            raise OSError(f"cannot listen on the worker admin socket {path}")
 
 
 def add_worker_flags(parser: argparse.ArgumentParser) -> None:
@@ -258,25 +251,9 @@ class Supervisor:
         return 0
 
     async def _start_admin(self, stack: contextlib.AsyncExitStack, address: HostPort) -> bool:
-        from proxy.admin.http import start_admin
+        from proxy.admin.http import admin_on
 
-        host, port = address
-        try:
-            admin = await start_admin(WorkersAdmin(self), host, port)
-        except OSError as exc:
-            print(
-                f"grpc-etcd-proxy: --admin {host}:{port}: cannot listen: {exc.strerror or exc}",
-                file=sys.stderr,
-            )
-            return False
-
-        async def close() -> None:
-            admin.close()
-            with contextlib.suppress(Exception):
-                await admin.wait_closed()
-
-        stack.push_async_callback(close)
-        return True
+        return await admin_on(stack, WorkersAdmin(self), *address)
 
     async def _keep(self, worker: Worker) -> None:
         """Run one worker until the stop; start it again each time it dies before that."""

@@ -9,7 +9,9 @@ Only GET and HEAD are served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
@@ -73,6 +75,35 @@ async def start_admin(
     shown = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in bound]
     log.info("admin_listening", addresses=shown)
     return server
+
+
+async def admin_on(
+    stack: contextlib.AsyncExitStack,
+    app: AdminApp,
+    host: str,
+    port: int | None,
+    path: str | None = None,
+    hint: str = "",
+) -> bool:
+    """Start the admin server and close it with ``stack``; False (after saying why on
+    stderr) when the address cannot be bound, which the caller turns into exit status 1."""
+    try:
+        server = await start_admin(app, host, port, path)
+    except OSError as exc:
+        where = path if path is not None else f"{host}:{port}"
+        print(
+            f"grpc-etcd-proxy: --admin {where}: cannot listen: {exc.strerror or exc}{hint}",
+            file=sys.stderr,
+        )
+        return False
+
+    async def close() -> None:
+        server.close()
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
+
+    stack.push_async_callback(close)
+    return True
 
 
 class AdminHandler:
