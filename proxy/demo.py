@@ -50,7 +50,7 @@ from proxy.discovery.watcher import EtcdDiscovery, prefix_of
 from proxy.echo import echo_pb2, echo_pb2_grpc
 from proxy.echo.server import EchoServer, serve
 from proxy.pool.endpoints import Endpoint, PoolSnapshot, TargetPool
-from proxy.relay.server import ProxyServer
+from proxy.relay.server import ProxyServer, ServerOptions
 from proxy.routing import Router
 from proxy.units import SECONDS
 
@@ -372,7 +372,8 @@ async def start(stack: contextlib.AsyncExitStack, args: argparse.Namespace) -> R
         )
 
     host, port = args.listen
-    server = ProxyServer(Router(default=view.pool))
+    # No access log: the demo prints its own line per call, which says the same.
+    server = ProxyServer(Router(default=view.pool), options=ServerOptions(access_log_sample=0.0))
     stack.push_async_callback(server.close)
     try:
         bound = await server.listen(host, port)
