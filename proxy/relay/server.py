@@ -141,7 +141,6 @@ class ProxyServer:
         return self.options.replay_limit
 
     def pick(self, call: Call) -> Endpoint | Refusal:
-        now = self.loop.time()
         if not call.attempts:  # its first pick: the call starts now
             # Not loop.time(): uvloop's is libuv's cached millisecond clock, too coarse for
             # the sub-millisecond buckets of the duration histogram.
@@ -159,7 +158,7 @@ class ProxyServer:
             )
         # Only when some backend may be unusable is the filter passed: most picks skip it.
         if self.pool.backing_off or self.outliers.ejected or self.health is not None:
-            self._pick_time = now
+            self._pick_time = self.loop.time()  # read only when the filter runs
             usable: Callable[[str], bool] | None = self._usable_fn
         else:
             usable = None
