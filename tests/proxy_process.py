@@ -23,14 +23,16 @@ them at any time.  At exit the proxy gets SIGTERM, then SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,3 +184,45 @@ def start_proxy(
         finally:
             stop_process(proc)
             _OUTPUTS.pop(proc.pid, None)
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> None:
+    """Poll ``check`` until it is true; AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class ClosedPort:
+    """A port bound but never listening: connecting to it is refused at once (RST), and no
+    other process can take it while the test runs (unlike a port that was free a moment ago)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def log_events(proc: subprocess.Popen[bytes], event: str) -> list[dict[str, Any]]:
+    """The proxy's JSON log lines (stderr is not a terminal: JSON) whose event is ``event``."""
+    found = []
+    for line in proxy_output(proc).splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == event:
+            found.append(record)
+    return found

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
@@ -29,15 +28,6 @@ SlowBackendFactory = Callable[[str], str]
 # Calls in flight at once when mapping many keys: fast, and far below the proxy's 256 streams
 # per connection and the echo backends' 64 worker threads.
 WINDOW = 50
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def register(etcd: EtcdServer, key: str, address: str, metadata: Any = None) -> None:

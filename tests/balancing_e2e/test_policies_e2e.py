@@ -18,10 +18,9 @@ from balancing_e2e_support import (
     backend_of,
     count_backends,
     register,
-    wait_for,
 )
 from etcd_support import EtcdServer
-from proxy_process import start_proxy
+from proxy_process import start_proxy, wait_for
 
 CALLERS = 30
 CALLS = 600

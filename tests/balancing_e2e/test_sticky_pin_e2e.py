@@ -12,9 +12,9 @@ from collections import Counter
 import grpc
 import pytest
 from backends import EchoBackendsFactory, open_channel
-from balancing_e2e_support import backend_of, count_backends, map_keys, register, wait_for
+from balancing_e2e_support import backend_of, count_backends, map_keys, register
 from etcd_support import EtcdServer
-from proxy_process import REPO_ROOT, start_proxy
+from proxy_process import REPO_ROOT, start_proxy, wait_for
 
 STICKY = "x-session"
 PIN = "x-instance"

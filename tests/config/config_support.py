@@ -10,14 +10,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 from backends import echo_stub, open_channel
-from proxy_process import REPO_ROOT, proxy_output
+from proxy_process import REPO_ROOT, wait_for
 
 from proxy.echo import echo_pb2
 
@@ -41,15 +39,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def wait_serving(target: str) -> None:
     """Wait until a call through `target` succeeds."""
     request = echo_pb2.EchoRequest(message="probe")
@@ -63,21 +52,7 @@ def wait_serving(target: str) -> None:
                 return False
             return True
 
-        wait_for(answers, f"a call through {target} to succeed")
-
-
-def log_events(proc: subprocess.Popen[bytes], event: str) -> list[dict[str, Any]]:
-    """The JSON log lines of the proxy (stderr not a terminal: JSON) with this event."""
-    found = []
-    for line in proxy_output(proc).splitlines():
-        if line.startswith("{"):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == event:
-                found.append(record)
-    return found
+        wait_for(answers, f"a call through {target} to succeed", timeout_s=15.0)
 
 
 class Traffic:

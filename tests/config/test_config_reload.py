@@ -11,9 +11,9 @@ from collections import Counter
 from pathlib import Path
 
 from backends import EchoBackendsFactory, echo_stub, open_channel
-from config_support import Traffic, log_events, register, wait_for, wait_serving
+from config_support import Traffic, register, wait_serving
 from etcd_support import EtcdServer
-from proxy_process import start_proxy
+from proxy_process import log_events, start_proxy, wait_for
 
 from proxy.echo import echo_pb2
 
@@ -25,7 +25,9 @@ def reload(proc: subprocess.Popen[bytes], event: str = "config.reloaded") -> dic
     """SIGHUP, then the log line `event` that it caused."""
     before = len(log_events(proc, event))
     proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: len(log_events(proc, event)) > before, f"the proxy to log {event}")
+    wait_for(
+        lambda: len(log_events(proc, event)) > before, f"the proxy to log {event}", timeout_s=15.0
+    )
     return log_events(proc, event)[-1]
 
 
@@ -33,7 +35,7 @@ def answers_after_now(traffic: Traffic, calls: int = 60) -> dict[str, int]:
     """Who answers the next `calls` calls; the first few, which may have been picked before
     the moment we look, are skipped."""
     mark = traffic.count() + CALLERS
-    wait_for(lambda: traffic.count() >= mark + calls, f"{calls} more calls")
+    wait_for(lambda: traffic.count() >= mark + calls, f"{calls} more calls", timeout_s=15.0)
     return dict(traffic.between(mark, mark + calls))
 
 
@@ -94,10 +96,14 @@ def test_a_bad_file_on_reload_is_ignored_and_unreloadable_changes_are_logged(
                 "access_log_sample = 0\n"
             )
             proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: log_events(proc, "config.restart_needed"), "restart_needed")
+            wait_for(
+                lambda: log_events(proc, "config.restart_needed"), "restart_needed", timeout_s=15.0
+            )
             line = log_events(proc, "config.restart_needed")[-1]
             assert line["settings"] == ["max_concurrent_streams", "workers"], line
-            wait_for(lambda: log_events(proc, "config.reloaded"), "the rest applied")
+            wait_for(
+                lambda: log_events(proc, "config.reloaded"), "the rest applied", timeout_s=15.0
+            )
             line = log_events(proc, "config.reloaded")[-1]
             assert line["changed"] == ["backend", "access_log_sample"], line
             assert answers_after_now(traffic) == {b1.name: 60}

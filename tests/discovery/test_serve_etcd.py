@@ -3,25 +3,13 @@ failures say what is wrong. Real etcd, real proxy process, real grpcio backends 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import grpc
 import pytest
 from backends import EchoBackendsFactory, echo_stub, open_channel
 from etcd_support import EtcdServer
-from proxy_process import start_proxy
+from proxy_process import start_proxy, wait_for
 
 from proxy.echo import echo_pb2
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def backends_answering(target: str, calls: int = 6) -> set[str]:

@@ -6,8 +6,8 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
-from proxy_process import start_proxy
-from relay_support import ClosedPort, ClosedPortFactory, ProxyFactory, RunningProxy
+from proxy_process import ClosedPort, start_proxy
+from relay_support import ClosedPortFactory, ProxyFactory, RunningProxy
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 from backends import open_channel
+from proxy_process import ClosedPort
 
 MiB = 1024 * 1024
 FRAME_GOAWAY = 0x7
@@ -63,23 +64,6 @@ class RunningProxy:
     def memory(self) -> Memory:
         assert self.proc.poll() is None, f"proxy exited with {self.proc.returncode}"
         return process_memory(self.proc.pid)
-
-
-class ClosedPort:
-    """A port bound but never listening: connecting to it is refused at once (RST), and no
-    other process can take it while the test runs (unlike a port that was free a moment ago)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def read_until_eof(sock: socket.socket, timeout: float = 5.0) -> bytes:

@@ -8,27 +8,17 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 from backends import EchoBackendsFactory, EchoSubprocessFactory, echo_stub, open_channel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from proxy_process import free_port, proxy_output, start_proxy
+from proxy_process import free_port, proxy_output, start_proxy, wait_for
 
 from proxy.echo import echo_pb2
 
 WAIT = 30.0
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def answered_by(channel: grpc.Channel, calls: int) -> list[str]:
@@ -75,11 +65,19 @@ def test_a_backend_flipped_to_not_serving_gets_no_calls_until_it_serves_again(
         args += ["--backend", server.address]
     everyone = {s.name for s in servers}
     with start_proxy(args) as (proc, _port), open_channel(f"127.0.0.1:{_port}") as channel:
-        wait_for(lambda: set(answered_by(channel, 9)) == everyone, "all 3 backends to answer")
+        wait_for(
+            lambda: set(answered_by(channel, 9)) == everyone,
+            "all 3 backends to answer",
+            timeout_s=WAIT,
+        )
 
         b1.set_health(False)
         # Out within about an interval; 30 calls in a row that b1 is not among is the sign.
-        wait_for(lambda: b1.name not in answered_by(channel, 30), "b1 to stop getting calls")
+        wait_for(
+            lambda: b1.name not in answered_by(channel, 30),
+            "b1 to stop getting calls",
+            timeout_s=WAIT,
+        )
         before = b1.servicer.calls
         answers = answered_by(channel, 60)
         assert b1.name not in answers
@@ -101,7 +99,9 @@ def test_a_backend_flipped_to_not_serving_gets_no_calls_until_it_serves_again(
         assert checks and float(checks[0].rsplit(" ", 1)[1]) >= 1, metrics
 
         b1.set_health(True)
-        wait_for(lambda: b1.name in answered_by(channel, 30), "b1 to get calls again")
+        wait_for(
+            lambda: b1.name in answered_by(channel, 30), "b1 to get calls again", timeout_s=WAIT
+        )
         assert b1.servicer.calls > before
         # One line per change, not one per check (there were many checks meanwhile).
         assert health_changes(proc, b1.address) == ["not_serving", "serving"], proxy_output(proc)
@@ -120,6 +120,10 @@ def test_echo_backend_process_flips_its_health_on_sigusr1_and_sigusr2(
 
     assert status() == health_pb2.HealthCheckResponse.SERVING
     proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, "NOT_SERVING")
+    wait_for(
+        lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING,
+        "NOT_SERVING",
+        timeout_s=WAIT,
+    )
     proc.send_signal(signal.SIGUSR2)
-    wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, "SERVING")
+    wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, "SERVING", timeout_s=WAIT)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from outcomes_support import ClosedPort, ClosingListener, FlakyBackend
+from outcomes_support import ClosingListener, FlakyBackend
+from proxy_process import ClosedPort
 
 
 @pytest.fixture

@@ -5,15 +5,11 @@ Import as ``from outcomes_support import ...`` (pytest puts ``tests/outcomes`` o
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
 import threading
 from concurrent import futures
-from typing import Any
 
 import grpc
-from proxy_process import proxy_output
 
 from proxy.echo import echo_pb2, echo_pb2_grpc
 from proxy.echo.server import SERVER_OPTIONS, EchoServicer
@@ -102,37 +98,6 @@ class ClosingListener:
     def close(self) -> None:
         self.sock.close()
         self._thread.join(5)
-
-
-class ClosedPort:
-    """A port bound but never listening: connecting is refused at once."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def log_events(proc: subprocess.Popen[bytes], event: str) -> list[dict[str, Any]]:
-    """The proxy's JSON log lines (on stderr) whose event is `event`."""
-    found = []
-    for line in proxy_output(proc).splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == event:
-            found.append(record)
-    return found
 
 
 def proxy_args(*backends: str, options: tuple[str, ...] = ()) -> list[str]:

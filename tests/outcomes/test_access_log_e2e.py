@@ -7,8 +7,7 @@ import time
 import grpc
 import pytest
 from backends import EchoBackendsFactory, echo_stub, open_channel
-from outcomes_support import log_events
-from proxy_process import start_proxy
+from proxy_process import log_events, start_proxy
 
 from proxy.echo.echo_pb2 import EchoRequest
 

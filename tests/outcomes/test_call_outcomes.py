@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from backends import EchoBackendsFactory
-from outcomes_support import ClosedPort
+from proxy_process import ClosedPort
 
 from proxy.echo import echo_pb2, echo_pb2_grpc
 from proxy.pool.endpoints import Endpoint, static_pool

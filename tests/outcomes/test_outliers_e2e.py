@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import grpc
 from backends import echo_stub, open_channel
-from outcomes_support import FlakyBackend, log_events, proxy_args
-from proxy_process import start_proxy
+from outcomes_support import FlakyBackend, proxy_args
+from proxy_process import log_events, start_proxy
 
 from proxy.echo.echo_pb2 import EchoRequest
 

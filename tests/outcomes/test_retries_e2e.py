@@ -6,8 +6,8 @@ from collections import Counter
 
 import grpc
 from backends import EchoBackendsFactory, echo_stub, open_channel
-from outcomes_support import ClosedPort, ClosingListener, proxy_args
-from proxy_process import start_proxy
+from outcomes_support import ClosingListener, proxy_args
+from proxy_process import ClosedPort, start_proxy
 
 from proxy.echo.echo_pb2 import EchoRequest
 
