@@ -70,6 +70,16 @@ def test_a_backend_flipped_to_not_serving_gets_no_calls_until_it_serves_again(
             "all 3 backends to answer",
             timeout_s=WAIT,
         )
+        # Each backend's first check runs at a random point of the first interval: wait until
+        # all three have answered SERVING, so that what follows starts from a known state (on
+        # a fast machine the rest of the test can finish before b0's first check).
+        wait_for(
+            lambda: all(
+                pool_endpoint(admin, s.address)["health"] == "serving" for s in servers
+            ),
+            "all 3 backends to be checked SERVING",
+            timeout_s=WAIT,
+        )
 
         b1.set_health(False)
         # Out within about an interval; 30 calls in a row that b1 is not among is the sign.
