@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -321,6 +321,20 @@ class Pools:
             routes = {service: discovery.pool(target) for service, target in cfg.route}
         return Router(default=default, routes=routes)
 
+    @staticmethod
+    def targets(cfg: ServeConfig) -> set[str]:
+        """The etcd targets ``cfg`` routes to."""
+        names = {target for _service, target in cfg.route}
+        if cfg.target:
+            names.add(cfg.target)
+        return names
+
+    def forget(self, targets: Iterable[str]) -> None:
+        """Drop the fallback pools built on targets that are no longer watched."""
+        gone = {target.rstrip("/") for target in targets}
+        for key in [key for key in self._fallback if key[0].rstrip("/") in gone]:
+            del self._fallback[key]
+
     def _static_pool(self, backends: tuple[str, ...]) -> TargetPool:
         pool = self._static.get(backends)
         if pool is None:
@@ -367,6 +381,12 @@ class Reloader:
                 await discovery.wait_ready(FIRST_LISTING_WAIT_S)
             applied = config.changed(self.current, new)
             self.server.reconfigure(router, balancer_of(new))
+            if discovery is not None:
+                # After the swap: no new call picks from a dropped target's pool any more.
+                dropped = await discovery.retain(self.pools.targets(new))
+                if dropped:
+                    self.pools.forget(dropped)
+                    log.info("discovery.targets_dropped", targets=dropped)
             if new.access_log_sample != self.current.access_log_sample:
                 self.server.set_access_log_sample(new.access_log_sample)
             self.current = new

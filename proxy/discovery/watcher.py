@@ -276,6 +276,21 @@ class EtcdDiscovery:
                 self._spawn(watch)
         return watch.pool
 
+    async def retain(self, targets: Iterable[str]) -> list[str]:
+        """Stop watching every target not in ``targets`` (a reload that dropped a route);
+        returns the targets dropped. Their pools keep their last endpoints for calls already
+        routed to them, but no longer follow etcd, and leave ``watches`` (so /pool and the
+        metrics stop showing them)."""
+        keep = {target.rstrip("/") for target in targets}
+        dropped = [name for name in self.watches if name not in keep]
+        tasks = [task for name in dropped if (task := self._tasks.pop(name, None)) is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for name in dropped:
+            self.watches.pop(name).state = WatchState.CLOSED
+        return dropped
+
     async def start(self) -> None:
         """Start syncing every target (returns at once; see :meth:`wait_ready`)."""
         self._started = True

@@ -5,15 +5,17 @@ for a fixed time."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 from backends import EchoBackendsFactory, echo_stub, open_channel
 from config_support import Traffic, register, wait_serving
 from etcd_support import EtcdServer
-from proxy_process import log_events, start_proxy, wait_for
+from proxy_process import free_port, log_events, start_proxy, wait_for
 
 from proxy.echo import echo_pb2
 
@@ -29,6 +31,18 @@ def reload(proc: subprocess.Popen[bytes], event: str = "config.reloaded") -> dic
         lambda: len(log_events(proc, event)) > before, f"the proxy to log {event}", timeout_s=15.0
     )
     return log_events(proc, event)[-1]
+
+
+def admin_get(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        body: bytes = response.read()
+        return body
+
+
+def watched_targets(admin: int) -> list[str]:
+    """The targets in the proxy's /pool that have an etcd watch."""
+    (worker,) = json.loads(admin_get(admin, "/pool"))["workers"]
+    return sorted(t["target"] for t in worker["targets"] if t["watch"] is not None)
 
 
 def answers_after_now(traffic: Traffic, calls: int = 60) -> dict[str, int]:
@@ -124,7 +138,9 @@ def test_sighup_routes_a_service_to_a_target_not_watched_before(
     register(etcd, f"b/{b0.address}", b0.address)
     path = tmp_path / "proxy.toml"
     path.write_text(f'etcd = "{etcd.endpoint}"\ntarget = "a"\n')
-    with start_proxy(["serve", "--config", str(path)]) as (proc, port):
+    admin = free_port()
+    args = ["serve", "--config", str(path), "--admin", f"127.0.0.1:{admin}"]
+    with start_proxy(args) as (proc, port):
         # Calls before the first etcd listing fail by design (UNAVAILABLE, with the reason).
         wait_serving(f"127.0.0.1:{port}")
         with Traffic(f"127.0.0.1:{port}", CALLERS) as traffic:
@@ -142,6 +158,14 @@ def test_sighup_routes_a_service_to_a_target_not_watched_before(
             path.write_text(f'etcd = "{etcd.endpoint}"\ntarget = "a"\n')
             reload(proc)
             assert answers_after_now(traffic) == {a0.name: 60}
+            # Each reload stopped the watch of the target it no longer routes to (a, then b;
+            # a was watched again from its first listing), and b left /pool and the metrics.
+            dropped = [line["targets"] for line in log_events(proc, "discovery.targets_dropped")]
+            assert dropped == [["a"], ["b"]], dropped
+            assert watched_targets(admin) == ["a"]
+            metrics = admin_get(admin, "/metrics").decode()
+            assert 'grpc_proxy_etcd_watch_up{target="a"} 1.0' in metrics, metrics
+            assert 'target="b"' not in metrics, metrics
 
             traffic.stop()
             assert traffic.errors == [], traffic.errors[:5]

@@ -270,3 +270,31 @@ async def test_close_cancels_the_named_tasks(etcd: EtcdServer) -> None:
     names = {task.get_name() for task in asyncio.all_tasks()}
     assert not any(name.startswith("etcd-discovery:") for name in names)
     assert all(w.state is WatchState.CLOSED for w in discovery.watches.values())
+
+
+async def test_retain_stops_the_watches_of_dropped_targets_and_a_target_can_come_back(
+    etcd: EtcdServer, etcd_client: EtcdClient
+) -> None:
+    async with EtcdDiscovery(etcd.endpoint, ["svc", "other"], backoff=FAST) as discovery:
+        assert await discovery.wait_ready(5)
+        other = discovery.pool("other")
+        old_watch = discovery.watches["other"]
+
+        assert await discovery.retain(["svc/"]) == ["other"]
+        assert list(discovery.watches) == ["svc"]
+        assert old_watch.state is WatchState.CLOSED
+        names = {task.get_name() for task in asyncio.all_tasks()}
+        assert "etcd-discovery:other" not in names
+        assert "etcd-discovery:svc" in names
+        # The dropped pool no longer follows etcd.
+        await etcd_client.put("other/a", go_value("10.0.0.1:1"))
+        await etcd_client.put("svc/a", go_value("10.0.0.2:2"))
+        svc = discovery.pool("svc")
+        await eventually(lambda: addresses(svc) == {"10.0.0.2:2"}, "svc's put")
+        assert addresses(other) == set()
+
+        # Asked for again: a new watch, listed from scratch.
+        again = discovery.pool("other")
+        assert again is not other
+        await eventually(lambda: addresses(again) == {"10.0.0.1:1"}, "other's new listing")
+        assert await discovery.retain(["svc", "other"]) == []

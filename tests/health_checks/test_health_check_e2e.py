@@ -74,9 +74,7 @@ def test_a_backend_flipped_to_not_serving_gets_no_calls_until_it_serves_again(
         # all three have answered SERVING, so that what follows starts from a known state (on
         # a fast machine the rest of the test can finish before b0's first check).
         wait_for(
-            lambda: all(
-                pool_endpoint(admin, s.address)["health"] == "serving" for s in servers
-            ),
+            lambda: all(pool_endpoint(admin, s.address)["health"] == "serving" for s in servers),
             "all 3 backends to be checked SERVING",
             timeout_s=WAIT,
         )
