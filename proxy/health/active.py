@@ -159,6 +159,15 @@ class ActiveHealth:
             self._add(address)
         for address in self._backends.keys() - live:
             self._remove(address)
+        for backend in list(self._backends.values()):
+            task = backend.task
+            if task is not None and task.done():
+                # _run only ends by cancellation (on removal); anything else is a bug, and
+                # must not leave a backend stuck in its last verdict: check it afresh.
+                error = None if task.cancelled() else task.exception()
+                log.error("health_check_task_died", backend=backend.address, error=repr(error))
+                self._remove(backend.address)
+                self._add(backend.address)
 
     async def _scan(self) -> None:
         while True:

@@ -276,3 +276,29 @@ def test_runs_on_uvloop(echo_backends: EchoBackendsFactory) -> None:
             await health.close()
 
     assert uvloop.run(flip()) == "not_serving"
+
+
+async def test_a_check_task_that_dies_is_started_again(
+    echo_backends: EchoBackendsFactory, health_of: Callable[..., ActiveHealth]
+) -> None:
+    """A bug that ends a backend's check task must not freeze its last verdict."""
+    (b0,) = echo_backends(1)
+    health = health_of(lambda: [static_pool("echo", [b0.address])])
+    await wait_until(all_serving(health, [b0.address]), "serving")
+    record = health._record
+    broken = True
+
+    def record_once_broken(*args: Any) -> None:
+        nonlocal broken
+        if broken:
+            broken = False
+            raise RuntimeError("injected")
+        record(*args)
+
+    with capture_logs() as logs:
+        health._record = record_once_broken  # type: ignore[method-assign]
+        b0.set_health(False)
+        await wait_until(lambda: not health.usable(b0.address), "b0 out after the restart")
+    died = [e for e in logs if e["event"] == "health_check_task_died"]
+    assert [(e["backend"], e["error"]) for e in died] == [(b0.address, "RuntimeError('injected')")]
+    assert len(check_tasks(b0.address)) == 1
