@@ -25,6 +25,7 @@ from typing import Any
 
 from loadtest import ghz, h2load, procs, report, tools
 from loadtest.cpustat import CpuWindow
+from loadtest.procs import SetupError, log
 from loadtest.report import NOT_AVAILABLE, SKIPPED, Row, Scenario
 from loadtest.stats import Measurement
 
@@ -41,10 +42,6 @@ SMALL = 16
 LARGE = 1 << 20
 GHZ_MIN_WARMUP_S = 0.5
 PROBE_TIMEOUT_S = 10.0
-
-
-class SetupError(Exception):
-    """The benchmark cannot run at all."""
 
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
@@ -105,13 +102,18 @@ def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def add_timing_args(parser: argparse.ArgumentParser) -> None:
+    """--duration and --warmup: how long each measured run and its warm-up last."""
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per run")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.bench",
         description="Direct vs our proxy vs HAProxy, h2load and ghz, one table.",
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per run")
+    add_timing_args(parser)
     parser.add_argument(
         "-n",
         "--requests",
@@ -148,10 +150,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.backends < 1:
         parser.error("--backends must be at least 1")
     return args
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --- setup ----------------------------------------------------------------------------------
@@ -545,25 +543,16 @@ def run_all(ctx: Context, sup: procs.Supervisor) -> list[Row]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    procs.exit_on_termination()
-    try:
-        found = find_tools(args)
-        pinning = choose_pinning(args)
-        with (
-            tempfile.TemporaryDirectory(prefix="loadtest-") as tmp,
-            procs.Supervisor(args.out / "logs", tools.REPO) as sup,
-        ):
-            ctx = Context(args, found, pinning, Path(tmp))
-            rows = run_all(ctx, sup)
-            meta = metadata(ctx, args.backends)
-    except SetupError as exc:
-        log(f"error: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted: everything started was stopped")
-        return 130
+def run(args: argparse.Namespace) -> int:
+    found = find_tools(args)
+    pinning = choose_pinning(args)
+    with (
+        tempfile.TemporaryDirectory(prefix="loadtest-") as tmp,
+        procs.Supervisor(args.out / "logs", tools.REPO) as sup,
+    ):
+        ctx = Context(args, found, pinning, Path(tmp))
+        rows = run_all(ctx, sup)
+        meta = metadata(ctx, args.backends)
     report.add_ratios(rows)
     print(report.write(args.out, rows, meta))
     log(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}")
@@ -571,6 +560,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in failures:
         log(f"reference failed: {row.target} / {row.scenario.title}: {row.note}")
     return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    return procs.run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

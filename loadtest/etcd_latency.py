@@ -43,6 +43,7 @@ import grpc
 import structlog
 
 from loadtest import procs, tools
+from loadtest.procs import SetupError, log
 from loadtest.stats import percentile
 from proxy.discovery.etcd import EtcdClient
 from proxy.discovery.etcd_model import EtcdConfig, EtcdError, etcd_config
@@ -56,14 +57,6 @@ NONE = "\u2013"  # en dash: no figure
 # Stop early when etcd is evidently gone, instead of waiting --timeout for each write left.
 MAX_CONSECUTIVE_FAILURES = 5
 ENDPOINT_PORT = 50051
-
-
-class SetupError(Exception):
-    """The benchmark cannot run at all."""
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -487,34 +480,30 @@ def metadata(
     return meta
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    procs.exit_on_termination()
-    configure_logging()
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="etcd-latency-") as tmp,
-            procs.Supervisor(Path(tmp), tools.REPO) as sup,
-        ):
-            own_etcd = None if args.etcd else Path(tmp)
-            url = args.etcd or start_etcd(sup, Path(tmp), args.startup_timeout)
-            try:
-                config = etcd_config(url)
-            except ValueError as exc:
-                raise SetupError(f"--etcd: {exc}") from exc
-            version = etcd_version(config)
-            results, loop = run_loop(measure(args, config))
-            meta = metadata(args, config, version, own_etcd, loop, results)
-    except SetupError as exc:
-        log(f"error: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted: everything started was stopped")
-        return 130
+def run(args: argparse.Namespace) -> int:
+    with (
+        tempfile.TemporaryDirectory(prefix="etcd-latency-") as tmp,
+        procs.Supervisor(Path(tmp), tools.REPO) as sup,
+    ):
+        own_etcd = None if args.etcd else Path(tmp)
+        url = args.etcd or start_etcd(sup, Path(tmp), args.startup_timeout)
+        try:
+            config = etcd_config(url)
+        except ValueError as exc:
+            raise SetupError(f"--etcd: {exc}") from exc
+        version = etcd_version(config)
+        results, loop = run_loop(measure(args, config))
+        meta = metadata(args, config, version, own_etcd, loop, results)
     print(markdown(results, meta))
     for failure in (results.puts.failures + results.deletes.failures)[:10]:
         log(f"failed: {failure}")
     return 1 if results.failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    return procs.run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

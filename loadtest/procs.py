@@ -1,8 +1,8 @@
-"""Starting, probing and stopping the processes of a benchmark run.
+"""Starting, probing and stopping the processes of a benchmark run, and how the run ends.
 
 Every long-running process is started in its own session (process group), so that stopping it
 also stops whatever it spawned, and a Ctrl-C in the terminal reaches only the benchmark, which
-then stops them itself.
+then stops them itself. :func:`run_main` gives every benchmark command the same exit statuses.
 """
 
 from __future__ import annotations
@@ -12,13 +12,24 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 STOP_GRACE_S = 3.0
+SETUP_FAILED = 2
+INTERRUPTED = 130
+
+
+class SetupError(Exception):
+    """The benchmark cannot run at all."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def exit_on_termination() -> None:
@@ -30,6 +41,21 @@ def exit_on_termination() -> None:
 
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGHUP, _exit)
+
+
+def run_main(body: Callable[[], int]) -> int:
+    """A benchmark command's exit status: ``body()``'s own, 2 when it raises SetupError (said
+    on stderr), 130 on Ctrl-C (or SIGTERM / SIGHUP, see :func:`exit_on_termination`). ``body``
+    starts its processes under a :class:`Supervisor`, which stops them on the way out."""
+    exit_on_termination()
+    try:
+        return body()
+    except SetupError as exc:
+        log(f"error: {exc}")
+        return SETUP_FAILED
+    except KeyboardInterrupt:
+        log("interrupted: everything started was stopped")
+        return INTERRUPTED
 
 
 def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:

@@ -31,7 +31,7 @@ back while its first check runs (passive outlier detection covers it meanwhile).
 Why ``grpc.aio`` on the proxy's loop rather than the sync API in threads handing results over
 with ``call_soon_threadsafe``: it works on uvloop (as the etcd watch, through etcd3aio, already
 does), costs about the same CPU per check (every thread takes the GIL the loop needs, so the
-process total is what counts; see tests/health_checks/bench_health_checks.py), and needs no
+process total is what counts; see loadtest/health_checks_bench.py), and needs no
 thread pool: deadlines, cancellation and closing a channel are the loop's own.
 
 Each worker process (``--workers``) checks every backend on its own.

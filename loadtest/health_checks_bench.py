@@ -1,8 +1,11 @@
 """What health checks cost the proxy's process: grpc.aio on uvloop vs sync grpc in threads.
 
-    .venv/bin/python tests/health_checks/bench_health_checks.py [--backends 20] [--interval 0.2]
+Run from the repository root::
 
-Backends are echo server subprocesses, so their work does not count here. On uvloop, each mode
+    python -m loadtest.health_checks_bench [--backends 20] [--interval 0.2] [--seconds 10]
+
+Backends are ``python -m proxy.echo.server`` subprocesses (they answer grpc.health.v1), so
+their work does not count here. On uvloop, each mode
 runs for ``--seconds`` while a ticker task sleeps 10 ms at a time and records how late the loop
 wakes it (what a call being relayed would wait):
 
@@ -14,6 +17,9 @@ wakes it (what a call being relayed would wait):
 CPU per check is the process's CPU (and the loop thread's) over the run, less what the ticker
 alone costs (the ``idle`` run), divided by the checks made. Every thread of the process takes
 the GIL the loop needs, so the process figure is what the proxy pays.
+
+This is a benchmark, not a test: it never judges the figures. Exit status: 0 once every mode
+ran, 2 when a backend would not start, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ import asyncio
 import logging
 import random
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,14 +42,14 @@ import structlog
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backends import start_echo_subprocess, stop_subprocess
-
+from loadtest import procs, tools
+from loadtest.procs import SetupError
 from proxy.health.active import JITTER, ActiveHealth
 from proxy.pool.endpoints import static_pool
 
 REQUEST = health_pb2.HealthCheckRequest(service="")
 TICK = 0.01
+STARTUP_TIMEOUT_S = 15.0
 
 
 async def ticker(stop: asyncio.Event, lags: list[float]) -> None:
@@ -148,24 +155,54 @@ class Bench:
         return checks
 
 
-async def main(args: argparse.Namespace) -> None:
-    procs = [start_echo_subprocess(f"b{i}") for i in range(args.backends)]
-    try:
-        bench = Bench([f"127.0.0.1:{port}" for _, port in procs], args.interval, args.seconds)
-        print(f"{args.backends} backends, every {args.interval:g} s, {args.seconds:g} s a mode")
-        await bench.measure("idle", bench.idle_run)
-        await bench.measure("active", bench.active)
-        await bench.measure("thread", bench.thread)
-        await bench.measure("burst", bench.burst)
-    finally:
-        for proc, _ in procs:
-            stop_subprocess(proc)
+async def measure_all(args: argparse.Namespace, addresses: list[str]) -> None:
+    bench = Bench(addresses, args.interval, args.seconds)
+    print(f"{args.backends} backends, every {args.interval:g} s, {args.seconds:g} s a mode")
+    await bench.measure("idle", bench.idle_run)
+    await bench.measure("active", bench.active)
+    await bench.measure("thread", bench.thread)
+    await bench.measure("burst", bench.burst)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def start_backends(sup: procs.Supervisor, count: int) -> list[str]:
+    """``count`` echo server processes named b0, b1, ...; their addresses once all listen."""
+    started = []
+    for index in range(count):
+        port = procs.free_port()
+        argv = [sys.executable, "-m", "proxy.echo.server", "--port", str(port)]
+        started.append((sup.start(f"b{index}", [*argv, "--name", f"b{index}"]), port))
+    for service, port in started:
+        failure = procs.wait_for_port(service, port, STARTUP_TIMEOUT_S)
+        if failure is not None:
+            raise SetupError(f"{failure}\n{service.log_tail()}")
+    return [f"127.0.0.1:{port}" for _, port in started]
+
+
+def run(args: argparse.Namespace) -> int:
+    with (
+        tempfile.TemporaryDirectory(prefix="health-checks-bench-") as tmp,
+        procs.Supervisor(Path(tmp), tools.REPO) as sup,
+    ):
+        uvloop.run(measure_all(args, start_backends(sup, args.backends)))
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.health_checks_bench",
+        description=(__doc__ or "").splitlines()[0],
+    )
     parser.add_argument("--backends", type=int, default=20)
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between checks")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each mode runs")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    uvloop.run(main(parser.parse_args()))
+    return procs.run_main(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
