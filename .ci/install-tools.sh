@@ -2,8 +2,9 @@
 # Installs the external tools the tests and benchmarks need, if they are missing.
 # Idempotent: a second run with everything present installs nothing and touches no network.
 #
-#   apt (needs root or sudo):  haproxy nghttp2-client etcd-server etcd-client chromium
-#                              (chromium: the admin page test renders it headless)
+#   apt (needs root or sudo):  haproxy nghttp2-client etcd-server etcd-client chromium valgrind
+#                              (chromium: the admin page test renders it headless;
+#                              valgrind: loadtest.instructions runs the proxies under callgrind)
 #   go install into .tools/bin: h2spec, ghz, interop_client, interop_server (grpc-go interop)
 #
 # Never fails just because a tool cannot be installed: it says what is missing and goes on;
@@ -21,7 +22,7 @@ GRPC_GO_FALLBACK_VERSION="v1.70.0"
 H2SPEC_PKG="github.com/summerwind/h2spec/cmd/h2spec@latest"
 GHZ_PKG="github.com/bojand/ghz/cmd/ghz@latest"
 
-APT_PACKAGES=(haproxy nghttp2-client etcd-server etcd-client chromium)
+APT_PACKAGES=(haproxy nghttp2-client etcd-server etcd-client chromium valgrind)
 
 missing_report=()
 

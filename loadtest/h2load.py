@@ -55,7 +55,8 @@ class Load:
 def argv(h2load: str, url: str, body: Path, load: Load, log_file: Path | None) -> list[str]:
     args = [h2load, "-t", "1", "-c", str(load.clients), "-m", str(load.streams)]
     if load.duration_s is not None:
-        args += ["-D", f"{load.duration_s:g}"]
+        # h2load's <DURATION> is an integer with an optional unit: "0.5" is refused.
+        args += ["-D", f"{max(1, round(load.duration_s * 1000))}ms"]
     else:
         args += ["-n", str(load.requests or 1)]
     for header in HEADERS:

@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from loadtest import bench, tools
 
@@ -26,12 +27,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--proxy-cmd", default=bench.DEFAULT_PROXY_CMD)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=tools.LOADTEST / "out" / "serial-rounds",
+        help="where each round's bench results and logs go (default %(default)s)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out = tools.LOADTEST / "out" / "serial-rounds"
+    out: Path = args.out
     ratios: list[float] = []
     print("round  direct  HAProxy  proxy   added: HAProxy  proxy  ratio", flush=True)
     for n in range(1, args.rounds + 1):
