@@ -82,8 +82,12 @@ def measure(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.instructions", description=__doc__)
-    parser.add_argument("--calls", type=int, default=1000, help="measured calls (default 1000)")
-    parser.add_argument("--warmup", type=int, default=200, help="calls before counting")
+    parser.add_argument(
+        "--calls", type=tools.positive_int, default=1000, help="measured calls (default 1000)"
+    )
+    parser.add_argument(
+        "--warmup", type=tools.positive_int, default=200, help="calls before counting"
+    )
     parser.add_argument("--only", default="haproxy,proxy", help="haproxy,proxy (default both)")
     parser.add_argument(
         "--proxy-cmd",
@@ -95,6 +99,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM/SIGHUP end the run like Ctrl-C, so the supervisor stops the valgrind processes.
+    return procs.run_main(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     wanted = [t.strip() for t in args.only.split(",") if t.strip()]
     found = {name: tools.find(name) for name in ("valgrind", "callgrind_control", "h2load", "go")}
     if "haproxy" in wanted:

@@ -40,7 +40,9 @@ S = TypeVar("S", bound="Setup")
 def add_round_args(parser: argparse.ArgumentParser) -> None:
     """--duration and --warmup (as loadtest.bench has them), then --rounds."""
     add_timing_args(parser)
-    parser.add_argument("--rounds", type=int, default=3, help="measured runs per mode")
+    parser.add_argument(
+        "--rounds", type=tools.positive_int, default=3, help="measured runs per mode"
+    )
 
 
 def add_setup_args(parser: argparse.ArgumentParser, startup_timeout: float, logs: str) -> None:

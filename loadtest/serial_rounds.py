@@ -24,7 +24,7 @@ from loadtest import bench, tools
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.serial_rounds", description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument("--rounds", type=tools.positive_int, default=5, help="rounds (default 5)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--proxy-cmd", default=bench.DEFAULT_PROXY_CMD)
     parser.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -18,6 +19,17 @@ BIN_DIR = LOADTEST / "bin"
 # directories that a non-root PATH lacks (Debian's haproxy lives in /usr/sbin).
 _EXTRA_DIRS = (REPO / ".tools" / "bin", Path.home() / "go" / "bin")
 _LATE_DIRS = (Path("/usr/local/go/bin"), Path("/usr/sbin"), Path("/usr/local/sbin"))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count of rounds or calls)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def find(name: str) -> str | None:
