@@ -103,6 +103,7 @@ async def run_until_stopped(
     still exits at once."""
     signals = Signals(reload)
     install(signals)
+    server.serving = True
     await signals.drain.wait()
     drain = asyncio.ensure_future(server.drain(drain_timeout_s))
     hard = asyncio.ensure_future(signals.hard.wait())

@@ -37,6 +37,8 @@ class ServerAdmin:
     async def ready(self) -> tuple[bool, str]:
         if self.server.draining:
             return False, "draining"
+        if not self.server.serving:
+            return False, "starting: not listening yet"
         pools = targets(self.server)
         if not pools:
             return False, "no target configured"

@@ -120,6 +120,10 @@ class ProxyServer:
         # Set by whoever runs discovery, so the admin endpoint can report the watches.
         self.discovery: EtcdDiscovery | None = None
         self.draining = False
+        # Set once the listener is bound and the signal handlers are in (run_until_stopped):
+        # before that /readyz says "starting", so that a readiness probe, or a supervisor
+        # about to pass on a SIGHUP, does not take an admin answer for a process that serves.
+        self.serving = False
         self.started_at = time.time()
         self._servers: list[asyncio.Server] = []
         # Every pool listened to: those of the first router, then those reloads brought. A

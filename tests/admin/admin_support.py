@@ -63,6 +63,7 @@ async def admin_proxy(
     server = ProxyServer(router, options=options)
     server.discovery = discovery
     [(_host, port)] = await server.listen("127.0.0.1", 0)
+    server.serving = True  # what run_until_stopped sets once its signal handlers are in
     admin = ServerAdmin(server)
     http = await start_admin(admin, "127.0.0.1", 0)
     proxy = AdminProxy(server, admin, port, http.sockets[0].getsockname()[1])

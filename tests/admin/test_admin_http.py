@@ -101,6 +101,19 @@ async def test_readyz_and_healthz_say_why(echo_backends: EchoBackendsFactory) ->
             assert (await proxy.get("/readyz")).body == b"draining\n"
 
 
+async def test_not_ready_until_the_process_serves(echo_backends: EchoBackendsFactory) -> None:
+    """The admin endpoint starts before the listener (and the signal handlers): until both
+    are in, /readyz must not send traffic (or a SIGHUP) this way."""
+    (backend,) = echo_backends(1)
+    async with admin_proxy(Router(default=static_pool("static", [backend.address]))) as proxy:
+        proxy.server.serving = False
+        readyz = await proxy.get("/readyz")
+        assert (readyz.status, readyz.body) == (503, b"starting: not listening yet\n")
+        assert (await proxy.get("/healthz")).status == 200
+        proxy.server.serving = True
+        assert (await proxy.get("/readyz")).status == 200
+
+
 async def test_an_empty_static_target_is_ready(echo_backends: EchoBackendsFactory) -> None:
     (backend,) = echo_backends(1)
     empty = TargetPool("empty", "no endpoints registered under 'empty/' in etcd")

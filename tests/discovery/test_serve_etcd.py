@@ -91,10 +91,16 @@ def test_etcd_unreachable_at_start_says_so_then_recovers(
     (b0,) = echo_backends(1)
     etcd.stop()
     with start_proxy(["serve", "--etcd", etcd.endpoint, "--target", "svc"]) as (_, port):
-        with open_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
-            echo_stub(channel).UnaryEcho(echo_pb2.EchoRequest(message="x"), timeout=10)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "etcd unreachable" in (err.value.details() or "")
+
+        def refusal() -> str:
+            with open_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError) as err:
+                echo_stub(channel).UnaryEcho(echo_pb2.EchoRequest(message="x"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            return err.value.details() or ""
+
+        # The proxy listens before its first etcd attempt has failed: until then a call is
+        # told the first listing is awaited. Then it says why.
+        wait_for(lambda: "etcd unreachable" in refusal(), "calls to say etcd is unreachable")
         etcd.start()
         etcd.etcdctl("put", f"svc/{b0.address}", b0.address)
         wait_for(

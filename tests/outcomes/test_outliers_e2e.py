@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 
 import grpc
 from backends import echo_stub, open_channel
 from outcomes_support import FlakyBackend, proxy_args
-from proxy_process import log_events, start_proxy
+from proxy_process import free_port, log_events, start_proxy, wait_for
 
 from proxy.echo.echo_pb2 import EchoRequest
 
@@ -24,6 +26,19 @@ def call(stub: object) -> tuple[str, grpc.StatusCode, str]:
     except grpc.RpcError as exc:
         return "", exc.code(), exc.details() or ""
     return reply.backend, grpc.StatusCode.OK, ""
+
+
+def connections_to(admin: int, address: str) -> int:
+    """The proxy's open connections to `address`, from its admin /pool."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/pool", timeout=10) as response:
+        pool = json.loads(response.read())
+    return sum(
+        endpoint["connections"]
+        for worker in pool["workers"]
+        for target in worker["targets"]
+        for endpoint in target["endpoints"]
+        if endpoint["address"] == address
+    )
 
 
 def test_failing_backend_is_ejected_then_comes_back(flaky_backends: Flaky) -> None:
@@ -42,6 +57,7 @@ def test_failing_backend_is_ejected_then_comes_back(flaky_backends: Flaky) -> No
         bad.fail()
         failures = []
         for _ in range(30):
+            sent_at = time.monotonic()
             name, code, details = call(stub)
             if code != grpc.StatusCode.OK:
                 # The backend's own answer, relayed as is, not retried.
@@ -51,7 +67,9 @@ def test_failing_backend_is_ejected_then_comes_back(flaky_backends: Flaky) -> No
                 if len(failures) == 3:
                     break
         assert len(failures) == 3
-        ejected_at = time.monotonic()
+        # The proxy ejected it while relaying the third failure: after that call was sent,
+        # and maybe well before its answer reached us (a slow client reads it late).
+        ejected_at = sent_at
         # Healthy again at once: only the ejection keeps calls away from it now.
         bad.fail(False)
 
@@ -119,7 +137,12 @@ def test_a_killed_backend_is_ejected_and_calls_go_on(
     live = flaky_backends(2)
     doomed, doomed_port = echo_subprocess(name="doomed")
     doomed_address = f"127.0.0.1:{doomed_port}"
-    options = ("--outlier-consecutive-failures", "3", "--outlier-base-ejection", "60")
+    admin = free_port()
+    options = (
+        "--outlier-consecutive-failures", "3",
+        "--outlier-base-ejection", "60",
+        "--admin", f"127.0.0.1:{admin}",  # after proxy_args' "--admin off": the last one wins
+    )  # fmt: skip
     addresses = [doomed_address, *(b.address for b in live)]
     with (
         start_proxy(proxy_args(*addresses, options=options)) as (proc, port),
@@ -130,8 +153,12 @@ def test_a_killed_backend_is_ejected_and_calls_go_on(
         doomed.kill()
         doomed.wait()
         # A call sent on its connection before the proxy reads the close would fail (it may
-        # have reached the backend, so it is not retried): let the proxy see it first.
-        time.sleep(0.5)
+        # have reached the backend, so it is not retried): let the proxy see it first (its
+        # connection to the backend leaves /pool), however long that takes.
+        wait_for(
+            lambda: connections_to(admin, doomed_address) == 0,
+            "the proxy to see the killed backend's connection close",
+        )
         # Its connect errors count; every call still succeeds, retried on the others.
         deadline = time.monotonic() + 15
         while not log_events(proc, "backend_ejected") and time.monotonic() < deadline:
