@@ -64,6 +64,7 @@ _HTTP1_METHODS: Final = (
     b"TRACE ",
 )  # fmt: skip
 _RECENTLY_CLOSED_MAX: Final = 1024
+_VALID_REQUESTS_MAX: Final = 64  # request header lists remembered as valid, per connection
 _UNLIMITED: Final = 1 << 62
 
 
@@ -124,9 +125,9 @@ class Connection:
 
         self._decoder = CachingDecoder(lim.max_header_list_size)
         self._encoder = CachingEncoder()
-        self._last_valid_request: HeaderList | None = None
+        # Request lists found valid, by identity (see _open_remote_stream), with their length.
+        self._valid_requests: dict[int, tuple[HeaderList, int]] = {}
         self._last_valid_trailers: HeaderList | None = None
-        self._last_valid_length = -1
 
         # What the peer lets us send.
         self.remote_max_concurrent_streams = 1 << 31
@@ -456,16 +457,20 @@ class Connection:
             self._reset(sid, ErrorCode.REFUSED_STREAM, ev, surface=False)
             return
         # The decoder returns the very same list for a block it has cached (a client repeating
-        # its request headers), so one identity check spares validating it again. Holding the
-        # reference keeps the list alive, so its identity cannot be reused by another.
+        # its request headers), so an identity check spares validating it again. Several are
+        # kept: a client that sends grpc-timeout alternates between a few blocks (its streams
+        # took their deadlines in different milliseconds). Holding the references keeps the
+        # lists alive, so their identities cannot be reused by others.
         expected: int | None
-        if headers is self._last_valid_request:
-            expected = self._last_valid_length
+        valid = self._valid_requests.get(id(headers))
+        if valid is not None and valid[0] is headers:
+            expected = valid[1]
         else:
             expected = validate_request(headers)
             if expected is not None:
-                self._last_valid_request = headers
-                self._last_valid_length = expected
+                if len(self._valid_requests) >= _VALID_REQUESTS_MAX:
+                    self._valid_requests.clear()
+                self._valid_requests[id(headers)] = (headers, expected)
         if expected is None:
             self._reset(sid, ErrorCode.PROTOCOL_ERROR, ev, surface=False)
             return

@@ -7,6 +7,15 @@ on every change of the table: each insertion, eviction and size update bumps it.
 whose processing left the table untouched are cached, since replaying a cached result must not
 skip a table change. The table's *length* would not do as a key: one insertion plus one
 eviction leaves the length as it was and the contents different.
+
+Fields whose value changes from call to call (``grpc-timeout``, which grpc-go clients send with
+every deadline, and trace ids) would defeat the encoder's cache: each new value is a new key,
+and indexing it changes the table, which invalidates every other key. The encoder sends such
+*volatile* fields as literals without indexing (RFC 7541 6.2.2), after the cached block of
+the rest: the table stays as it was, and the rest stays cached. A field name is volatile when
+it is one of the known ones, or once it has shown more than ``_DISTINCT_MAX`` values on one
+connection (a backend connection carries many clients; a few alternating user agents stay
+indexed). The decoder cannot do the same: how the client encodes is the client's choice.
 """
 
 from __future__ import annotations
@@ -20,6 +29,43 @@ from proxy.h2.events import HeaderList
 
 _CACHE_MAX: Final = 256
 _BLOCK_MAX: Final = 4096  # bigger blocks are rare and not worth keeping
+# Names known to carry a new value on (nearly) every call.
+KNOWN_VOLATILE: Final = frozenset(
+    (
+        b"grpc-timeout",
+        b"grpc-trace-bin",
+        b"traceparent",
+        b"x-request-id",
+        b"x-b3-traceid",
+        b"x-b3-spanid",
+        b"x-b3-parentspanid",
+        b"b3",
+        b"uber-trace-id",
+        b"x-amzn-trace-id",
+        b"x-cloud-trace-context",
+    )
+)
+_DISTINCT_MAX: Final = 8  # values of one name, past which it is volatile
+_TRACKED_NAMES_MAX: Final = 64  # names whose values are counted, per connection
+
+
+def _string(data: bytes) -> bytes:
+    """An HPACK string literal without Huffman coding (RFC 7541 5.2): 7-bit prefix length."""
+    n = len(data)
+    if n < 127:
+        return bytes((n,)) + data
+    out = bytearray(b"\x7f")
+    n -= 127
+    while n >= 128:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + data
+
+
+def literal_without_indexing(name: bytes, value: bytes) -> bytes:
+    """A field the decoder must not add to its table, with a literal name (RFC 7541 6.2.2)."""
+    return b"\x00" + _string(name) + _string(value)
 
 
 class GenerationTable(HeaderTable):  # type: ignore[misc]
@@ -75,6 +121,8 @@ class CachingEncoder:
         # same list objects: (generation, block) by identity skips building the tuple key.
         # The entry holds the list, so its id cannot be reused while the entry lives.
         self._by_identity: dict[int, tuple[HeaderList, int, bytes]] = {}
+        self.volatile: set[bytes] = set(KNOWN_VOLATILE)
+        self._values: dict[bytes, set[bytes]] = {}  # name -> values seen, until volatile
 
     def set_max_table_size(self, size: int) -> None:
         # The peer's SETTINGS_HEADER_TABLE_SIZE bounds our table; we never grow past 4096 so
@@ -100,18 +148,42 @@ class CachingEncoder:
         # Tuple equality ignores the NeverIndexedHeaderTuple subclass, so a list with a
         # never-indexed field would share a key with its indexable twin: such lists (rare:
         # sensitive values) bypass the caches both ways.
+        volatile = self.volatile
+        tail = b""
         for header in headers:
             if not getattr(header, "indexable", True):
                 return bytes(self._encoder.encode(headers, huffman=True)), False
+            if header[0] in volatile:
+                tail = b"".join(literal_without_indexing(n, v) for n, v in headers if n in volatile)
+                headers = [h for h in headers if h[0] not in volatile]
+                break
         key = (self._table.generation, tuple(headers))
         hit = self._cache.get(key)
         if hit is not None:
-            return hit, True
+            return hit + tail if tail else hit, True
+        self._learn(headers)
         resized = self._table.resized
         block: bytes = self._encoder.encode(headers, huffman=True)
         if self._table.generation == key[0] and not resized and len(block) <= _BLOCK_MAX:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = block
-            return block, True
-        return block, False
+            return block + tail if tail else block, True
+        return block + tail if tail else block, False
+
+    def _learn(self, headers: HeaderList) -> None:
+        """Count the values of each regular field name (on cache misses only: a name that
+        keeps missing the cache is what this looks for); past _DISTINCT_MAX, volatile."""
+        values = self._values
+        for name, value in headers:
+            if name[:1] == b":":
+                continue  # pseudo-headers go first, in the cached part, always
+            seen = values.get(name)
+            if seen is None:
+                if len(values) >= _TRACKED_NAMES_MAX:
+                    continue
+                seen = values[name] = set()
+            seen.add(value)
+            if len(seen) > _DISTINCT_MAX:
+                self.volatile.add(name)
+                seen.clear()

@@ -8,6 +8,7 @@ checks the caches against python-hyper's uncached hpack Encoder/Decoder as the r
 
 from __future__ import annotations
 
+import pytest
 from h2harness import RESPONSE, Peer
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hpack.table import table_entry_size
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from proxy.h2 import frames as fr
 from proxy.h2.events import HeadersReceived
 from proxy.h2.hpack_cache import CachingDecoder, CachingEncoder
+from proxy.h2.validation import validate_request
 
 REQUEST_HEADERS = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/")]
 INDEX_62 = b"\xbe"  # indexed field: the newest dynamic-table entry
@@ -269,3 +271,117 @@ def test_encoder_cache_keeps_never_indexed_and_indexable_twins_apart() -> None:
     ref.encode([NeverIndexedHeaderTuple(b"x-token", b"1")])  # literal never indexed, cached
     ref.encode([(b"x-token", b"1")])  # hpack: literal with incremental indexing, inserted
     ref.encode([(b"x-token", b"1")])  # hpack: indexed
+
+
+# ---------------------------------------------------------------------------- volatile fields
+
+GRPC_REQUEST = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", b"/echo.Echo/UnaryEcho"),
+    (b"content-type", b"application/grpc"),
+    (b"user-agent", b"grpc-go/1.34.0"),
+    (b"te", b"trailers"),
+]
+
+
+def volatile_last(headers: list[tuple[bytes, bytes]], volatile: set[bytes]) -> list:
+    """What the far side decodes: the same fields, the volatile ones moved to the end."""
+    return [h for h in headers if h[0] not in volatile] + [h for h in headers if h[0] in volatile]
+
+
+def test_grpc_timeout_is_a_literal_that_leaves_the_table_and_the_cache_alone() -> None:
+    """grpc-go sends a new grpc-timeout value on most calls: each must not change the table
+    (which would invalidate every cached block) nor miss the cache for the rest."""
+    enc = CachingEncoder()
+    far = Decoder(max_header_list_size=1 << 20)
+    generations = set()
+    for i in range(50):
+        headers = [*GRPC_REQUEST[:4], (b"grpc-timeout", b"%dm" % (19999 - i)), *GRPC_REQUEST[4:]]
+        block = enc.encode(headers)
+        assert as_pairs(far.decode(block, raw=True)) == volatile_last(headers, {b"grpc-timeout"})
+        # Literal without indexing, literal name, plain value: the block's last bytes.
+        value = b"%dm" % (19999 - i)
+        assert block.endswith(b"\x00\x0cgrpc-timeout" + bytes([len(value)]) + value)
+        if i:
+            generations.add(enc._table.generation)
+    assert len(generations) == 1  # only the first call indexed anything
+    assert all(name != b"grpc-timeout" for name, _ in far.header_table.dynamic_entries)
+
+
+def test_a_name_with_many_values_becomes_volatile_and_a_few_alternating_ones_do_not() -> None:
+    enc = CachingEncoder()
+    far = Decoder(max_header_list_size=1 << 20)
+    for i in range(40):
+        agent = b"client-a" if i % 2 else b"client-b"  # a shared backend connection
+        headers = [*REQUEST_HEADERS, (b"x-span", b"span-%04d" % i), (b"user-agent", agent)]
+        expected = volatile_last(headers, enc.volatile & {b"x-span"})
+        assert as_pairs(far.decode(enc.encode(headers), raw=True)) == expected
+    assert b"x-span" in enc.volatile
+    assert b"user-agent" not in enc.volatile
+    spans = [v for n, v in far.header_table.dynamic_entries if n == b"x-span"]
+    assert 0 < len(spans) <= 9  # indexed until it showed itself volatile, then never again
+
+
+def test_long_volatile_names_and_values_use_multi_byte_lengths() -> None:
+    enc = CachingEncoder()
+    far = Decoder(max_header_list_size=1 << 20)
+    enc.volatile.add(b"x-" + b"n" * 200)
+    for size in (0, 126, 127, 128, 255, 16_384):
+        headers = [*REQUEST_HEADERS, (b"x-" + b"n" * 200, b"v" * size), (b"traceparent", b"t")]
+        assert as_pairs(far.decode(enc.encode(headers), raw=True)) == headers
+
+
+VOLATILE_OP = st.lists(
+    st.tuples(
+        st.sampled_from([b"x-a", b"grpc-timeout", b"x-b", b"traceparent"]),
+        st.binary(max_size=20).map(lambda b: b.hex().encode()),
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(VOLATILE_OP, min_size=1, max_size=40))
+def test_blocks_with_volatile_fields_decode_to_the_same_fields(lists: list[list]) -> None:
+    """Random lists mixing known-volatile, learned-volatile and stable fields: every block
+    decodes (by a plain hpack Decoder, which keeps its table in step) to the list's fields,
+    in order except that volatile names come last."""
+    enc = CachingEncoder()
+    far = Decoder(max_header_list_size=1 << 20)
+    for fields in lists:
+        headers = [*REQUEST_HEADERS, *fields]
+        volatile = set(enc.volatile)
+        block = enc.encode(headers)
+        # A name may turn volatile during this very encode: then it is still in this block's
+        # indexed part (learning happens as the block is built).
+        assert as_pairs(far.decode(block, raw=True)) == volatile_last(headers, volatile)
+
+
+def test_requests_alternating_between_a_few_cached_blocks_are_validated_once_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grpc-go client's streams alternate between a few grpc-timeout values: each decoded
+    (cached) list is checked once, not once per switch."""
+    import proxy.h2.connection as connection
+
+    checked = []
+
+    def counting(headers: list) -> int | None:
+        checked.append(headers)
+        return validate_request(headers)
+
+    monkeypatch.setattr(connection, "validate_request", counting)
+    peer = Peer()
+    lists = [[*GRPC_REQUEST, (b"grpc-timeout", b"%dm" % v)] for v in (19999, 19998, 19997)]
+    sid = 1
+    for _ in range(20):
+        for headers in lists:
+            (event,) = peer.headers(sid, headers)
+            assert isinstance(event, HeadersReceived) and event.headers == headers
+            peer.feed(fr.rst_stream(sid, 8))
+            sid += 2
+    # Blocks settle once the peer's encoder has indexed all three values: the first round's
+    # blocks (literals) and the second's (indexed) are new; from then on, the same three.
+    assert len(checked) <= 6, len(checked)
+    assert len({id(h) for h in checked}) == len(checked)
