@@ -98,8 +98,10 @@ def dial_address(host: str, port: int) -> str:
 def echo_proto() -> str:
     """The path to type for this checkout's protos/echo.proto (as in the repository otherwise).
 
-    ghz needs it: it resolves the method by server reflection, and grpcio's reflection does not
-    find method symbols (grpc/grpc#34743), so `ghz` without `--proto` says "Symbol not found".
+    With it, ghz works against any backend. Without it, ghz resolves the method by server
+    reflection, which the demo's echo backends answer for methods too (see
+    `proxy.echo.server.MethodSymbolPool`), while a plain grpcio backend does not (grpc/grpc#34743:
+    "Symbol not found").
     """
     path = Path(__file__).resolve().parent.parent / "protos" / "echo.proto"
     if not path.is_file():

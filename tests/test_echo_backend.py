@@ -16,6 +16,7 @@ from backends import (
     open_channel,
     parse_status_details,
 )
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -165,6 +166,19 @@ def test_health_and_reflection(backend: EchoServer) -> None:
         )
         names = {s.name for s in resp.list_services_response.service}
         assert {"echo.Echo", "grpc.health.v1.Health"} <= names
+
+        # What ghz and grpcurl ask for: the file of a method (grpc/grpc#34743 otherwise).
+        def file_of(symbol: str) -> reflection_pb2.ServerReflectionResponse:
+            request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+            [reply] = reflect.ServerReflectionInfo(iter([request]))
+            return reply
+
+        for symbol in ("echo.Echo", "echo.Echo.UnaryEcho", "echo.EchoRequest"):
+            protos = file_of(symbol).file_descriptor_response.file_descriptor_proto
+            assert protos, symbol
+            assert descriptor_pb2.FileDescriptorProto.FromString(protos[0]).name == "echo.proto"
+        for symbol in ("echo.Echo.NoSuchMethod", "no.Such.Method", "nothing"):
+            assert file_of(symbol).error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 def test_subprocess_backend(echo_subprocess: EchoSubprocessFactory) -> None:

@@ -44,6 +44,8 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -323,6 +325,36 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+class MethodSymbolPool:
+    """The descriptor pool for grpcio's reflection, which also finds methods.
+
+    ghz and grpcurl resolve a call by asking reflection for the file of `pkg.Service.Method`;
+    grpcio's reflection asks the pool, and protobuf's (upb) pool only knows messages, enums,
+    services and the like, so they get "Symbol not found" (grpc/grpc#34743, bojand/ghz#419).
+    A method's file is its service's.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> FileDescriptor:
+        try:
+            found: FileDescriptor = self._pool.FindFileContainingSymbol(symbol)
+            return found
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            if not service_name:
+                raise
+            service = self._pool.FindServiceByName(service_name)  # KeyError: not found either
+            if method not in service.methods_by_name:
+                raise
+            file: FileDescriptor = service.file
+            return file
+
+
 def serve(
     port: int, host: str = "127.0.0.1", name: str | None = None, max_workers: int = 64
 ) -> tuple[EchoServer, int]:
@@ -347,7 +379,9 @@ def serve(
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
+        pool=MethodSymbolPool(descriptor_pool.Default()),
     )
 
     server.start()
