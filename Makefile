@@ -14,7 +14,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 # Stamp of the last successful `pip install -e .[dev]`; remade when pyproject.toml changes.
 VENV_STAMP := $(VENV)/.stamp-dev-installed
-# Go-installed tools (h2spec, ghz, interop_client, interop_server) live here.
+# Go-installed tools (h2spec, ghz, grpcurl, interop_client, interop_server) live here.
 TOOLS_BIN := $(CURDIR)/.tools/bin
 # Paths ruff looks at (mypy is restricted to proxy/, as configured in pyproject.toml).
 RUFF_PATHS ?= .

@@ -5,7 +5,7 @@
 #   apt (needs root or sudo):  haproxy nghttp2-client etcd-server etcd-client chromium valgrind
 #                              (chromium: the admin page test renders it headless;
 #                              valgrind: loadtest.instructions runs the proxies under callgrind)
-#   go install into .tools/bin: h2spec, ghz, interop_client, interop_server (grpc-go interop)
+#   go install into .tools/bin: h2spec, ghz, grpcurl, interop_client, interop_server (grpc-go interop)
 #
 # Never fails just because a tool cannot be installed: it says what is missing and goes on;
 # the tests that need a missing tool skip locally and fail under CI (see tests/tools.py).
@@ -21,6 +21,7 @@ GRPC_GO_VERSION="${GRPC_GO_VERSION:-v1.85.0}"
 GRPC_GO_FALLBACK_VERSION="v1.70.0"
 H2SPEC_PKG="github.com/summerwind/h2spec/cmd/h2spec@latest"
 GHZ_PKG="github.com/bojand/ghz/cmd/ghz@latest"
+GRPCURL_PKG="github.com/fullstorydev/grpcurl/cmd/grpcurl@latest"
 
 APT_PACKAGES=(haproxy nghttp2-client etcd-server etcd-client chromium valgrind)
 
@@ -125,13 +126,14 @@ go_install_interop() {
 }
 
 if [[ -z "$GO" ]]; then
-    log "Go is not installed: skipping h2spec, ghz, interop_client, interop_server"
-    for t in h2spec ghz interop_client interop_server; do
+    log "Go is not installed: skipping h2spec, ghz, grpcurl, interop_client, interop_server"
+    for t in h2spec ghz grpcurl interop_client interop_server; do
         [[ -x "$TOOLS_BIN/$t" ]] || missing_report+=("$t")
     done
 else
     go_install h2spec "$H2SPEC_PKG" || missing_report+=(h2spec)
     go_install ghz "$GHZ_PKG" || missing_report+=(ghz)
+    go_install grpcurl "$GRPCURL_PKG" || missing_report+=(grpcurl)
     go_install_interop || missing_report+=(interop_client interop_server)
 fi
 
