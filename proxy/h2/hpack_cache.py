@@ -16,13 +16,21 @@ the rest: the table stays as it was, and the rest stays cached. A field name is 
 it is one of the known ones, or once it has shown more than ``_DISTINCT_MAX`` values on one
 connection (a backend connection carries many clients; a few alternating user agents stay
 indexed). The decoder cannot do the same: how the client encodes is the client's choice.
+
+So a block the decoder has not seen at this generation is decoded by a lean loop first
+(:func:`_decode_common`), which knows only what gRPC peers send once their table is set up:
+indexed fields and literals with incremental indexing. Anything else, or anything wrong, and
+it gives up; the table is put back as it was and ``hpack`` decodes the block (and raises what
+it raises), so errors and rare representations keep hpack's exact behaviour.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Final
 
-from hpack import Decoder, Encoder
+from hpack import Decoder, Encoder, HPACKError
+from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
 from proxy.h2.events import HeaderList
@@ -89,6 +97,103 @@ class GenerationTable(HeaderTable):  # type: ignore[misc]
         HeaderTable.maxsize.fset(self, newmax)
 
 
+_STATIC: Final = HeaderTable.STATIC_TABLE  # index 1 is _STATIC[0]
+_STATIC_LEN: Final = len(_STATIC)
+_INT_BYTES_MAX: Final = 4  # continuation bytes of an integer we decode (2^28): more, hpack's
+
+
+_Saved = tuple["deque[tuple[bytes, bytes]]", int]  # a table's entries and size
+
+
+class _GiveUp(Exception):
+    """Not a block _decode_common knows, or not a valid one: hpack decides."""
+
+
+def _read_integer(block: bytes, pos: int, value: int, end: int) -> tuple[int, int]:
+    """The continuation bytes of an integer whose prefix was all ones (RFC 7541 5.1)."""
+    shift = 0
+    for _ in range(_INT_BYTES_MAX):
+        if pos >= end:
+            raise _GiveUp
+        byte = block[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise _GiveUp
+
+
+def _read_string(block: bytes, pos: int, end: int) -> tuple[bytes, int]:
+    if pos >= end:
+        raise _GiveUp
+    first = block[pos]
+    length = first & 0x7F
+    pos += 1
+    if length == 0x7F:
+        length, pos = _read_integer(block, pos, length, end)
+    stop = pos + length
+    if stop > end:
+        raise _GiveUp
+    data = block[pos:stop]
+    if first & 0x80:
+        try:
+            data = decode_huffman(data)
+        except HPACKError:
+            raise _GiveUp from None
+    return data, stop
+
+
+def _decode_common(
+    block: bytes, table: GenerationTable, max_list_size: int, undo: list[_Saved]
+) -> list[tuple[bytes, bytes]]:
+    """Indexed fields and literals with incremental indexing (RFC 7541 6.1, 6.2.1); raises
+    _GiveUp on anything else. Before its first change to ``table`` it puts what it needs to
+    undo it in ``undo``."""
+    headers: list[tuple[bytes, bytes]] = []
+    entries = table.dynamic_entries
+    list_size = 0
+    pos = 0
+    end = len(block)
+    while pos < end:
+        first = block[pos]
+        pos += 1
+        if first & 0x80:
+            index = first & 0x7F
+            if index == 0x7F:
+                index, pos = _read_integer(block, pos, index, end)
+            if 0 < index <= _STATIC_LEN:
+                field = _STATIC[index - 1]
+            elif _STATIC_LEN < index <= _STATIC_LEN + len(entries):
+                field = entries[index - _STATIC_LEN - 1]
+            else:
+                raise _GiveUp
+        elif first & 0x40:
+            index = first & 0x3F
+            if index == 0x3F:
+                index, pos = _read_integer(block, pos, index, end)
+            if index == 0:
+                name, pos = _read_string(block, pos, end)
+            elif index <= _STATIC_LEN:
+                name = _STATIC[index - 1][0]
+            elif index <= _STATIC_LEN + len(entries):
+                name = entries[index - _STATIC_LEN - 1][0]
+            else:
+                raise _GiveUp
+            value, pos = _read_string(block, pos, end)
+            field = (name, value)
+            if not undo:
+                undo.append((entries.copy(), table._current_size))
+            table.add(name, value)
+        else:
+            raise _GiveUp  # a size update, a literal not indexed: hpack's
+        list_size += len(field[0]) + len(field[1]) + 32
+        if list_size > max_list_size:
+            raise _GiveUp  # hpack raises OversizedHeaderListError
+        headers.append(field)
+    return headers
+
+
 class CachingDecoder:
     def __init__(self, max_header_list_size: int, max_table_size: int = 4096) -> None:
         self._decoder = Decoder(max_header_list_size=max_header_list_size)
@@ -103,12 +208,29 @@ class CachingDecoder:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        headers: HeaderList = self._decoder.decode(block, raw=True)
+        headers = self._decode(block)
         if self._table.generation == key[0] and len(block) <= _BLOCK_MAX:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = headers
         return headers
+
+    def _decode(self, block: bytes) -> HeaderList:
+        table = self._table
+        decoder = self._decoder
+        undo: list[_Saved] = []
+        try:
+            headers = _decode_common(block, table, decoder.max_header_list_size, undo)
+            # hpack's own last check (it matters once our limit shrank below the peer's size).
+            if table.maxsize <= decoder.max_allowed_table_size:
+                return headers
+        except _GiveUp:
+            pass
+        if undo:
+            table.dynamic_entries, table._current_size = undo[0]
+            table.generation += 1  # back as it was; a new generation all the same, to be safe
+        decoded: HeaderList = decoder.decode(block, raw=True)
+        return decoded
 
 
 class CachingEncoder:

@@ -385,3 +385,126 @@ def test_requests_alternating_between_a_few_cached_blocks_are_validated_once_eac
     # blocks (literals) and the second's (indexed) are new; from then on, the same three.
     assert len(checked) <= 6, len(checked)
     assert len({id(h) for h in checked}) == len(checked)
+
+
+# ---------------------------------------------------------------------------- lean decode path
+
+
+def outcome(decode: object, block: bytes) -> tuple[str, object]:
+    """("ok", fields with their indexability) or ("error", the exception's type)."""
+    try:
+        headers = decode(block)  # type: ignore[operator]
+    except Exception as exc:
+        return "error", type(exc)
+    # Never-indexed fields must come back marked as such (the encoder keeps them so).
+    return "ok", [(bytes(h[0]), bytes(h[1]), getattr(h, "indexable", True)) for h in headers]
+
+
+class DecoderPair:
+    """The caching decoder (lean path first) and a plain hpack Decoder, the same limits."""
+
+    def __init__(self, max_list: int) -> None:
+        self.cached = CachingDecoder(max_header_list_size=max_list)
+        self.plain = Decoder(max_header_list_size=max_list)
+
+    def check(self, block: bytes) -> str:
+        want = outcome(lambda b: self.plain.decode(b, raw=True), block)
+        got = outcome(self.cached.decode, block)
+        assert got == want, (block.hex(), got, want)
+        assert list(self.cached._table.dynamic_entries) == list(
+            self.plain.header_table.dynamic_entries
+        )
+        return want[0]
+
+
+ENCODE_OP = st.one_of(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                [b"x-a", b"grpc-timeout", b":path", b"content-type", b"x-" + b"n" * 130]
+            ),
+            st.one_of(st.sampled_from([b"", b"1", b"application/grpc"]), st.binary(max_size=300)),
+            st.booleans(),  # never indexed
+        ),
+        min_size=1,
+        max_size=6,
+    ).map(lambda h: ("encode", h)),
+    st.sampled_from([0, 64, 200, 4096]).map(lambda s: ("size", s)),
+    st.booleans().map(lambda h: ("huffman", h)),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(ENCODE_OP, min_size=1, max_size=30), st.sampled_from([300, 1 << 16]))
+def test_the_lean_decode_path_agrees_with_hpack(ops: list, max_list: int) -> None:
+    """Blocks from hpack's encoder (indexed, literals with and without indexing, never
+    indexed, size updates, Huffman or not, long strings, evictions), decoded with a list-size
+    limit that some exceed: same fields, same errors, same table after every block."""
+    encoder = Encoder()
+    pair = DecoderPair(max_list)
+    huffman = True
+    for kind, arg in ops:
+        if kind == "size":
+            encoder.header_table_size = arg
+        elif kind == "huffman":
+            huffman = arg
+        else:
+            fields = [NeverIndexedHeaderTuple(n, v) if never else (n, v) for n, v, never in arg]
+            if pair.check(encoder.encode(fields, huffman=huffman)) == "error":
+                return  # the connection would be closed: nothing after it counts
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from([b"x-a", b"x-b"]), st.binary(max_size=40)), max_size=6),
+    st.lists(st.tuples(st.integers(0, 60), st.integers(0, 255)), max_size=4),
+    st.integers(0, 60),
+)
+def test_damaged_blocks_fail_as_hpack_fails(
+    fields: list, damage: list[tuple[int, int]], cut: int
+) -> None:
+    """A valid block with bytes overwritten, or cut short: the caching decoder raises what
+    hpack raises, or decodes what hpack decodes, and leaves the table as hpack leaves it."""
+    encoder = Encoder()
+    pair = DecoderPair(1 << 16)
+    pair.check(encoder.encode([(b"x-a", b"seed"), (b"x-b", b"seed")]))  # a table to index into
+    block = bytearray(encoder.encode(fields or [(b"x-a", b"v")]))
+    for position, byte in damage:
+        if block:
+            block[position % len(block)] = byte
+    pair.check(bytes(block[: max(0, len(block) - cut)] if cut < len(block) else block))
+
+
+def test_the_lean_path_handles_what_grpc_go_sends() -> None:
+    """Indexed fields, then a new grpc-timeout as a literal with incremental indexing, indexed
+    name and Huffman value: the block of most grpc-go calls once the table is warm."""
+    encoder = Encoder()
+    pair = DecoderPair(1 << 16)
+    request = [*GRPC_REQUEST, (b"grpc-timeout", b"19999m")]
+    pair.check(encoder.encode(request))
+    calls: list[bytes] = []
+    original = pair.cached._decoder.decode
+
+    def spy(data: bytes, raw: bool = False) -> object:
+        calls.append(data)
+        return original(data, raw=raw)
+
+    pair.cached._decoder.decode = spy  # type: ignore[method-assign]
+    for value in (b"19998m", b"19997m", b"19996m"):
+        block = encoder.encode([*GRPC_REQUEST, (b"grpc-timeout", value)])
+        assert block[-7] & 0xC0 == 0x40  # literal with incremental indexing, indexed name
+        assert pair.check(block) == "ok"
+    assert calls == []  # decoded by the lean path, not by hpack
+
+
+def test_giving_up_after_a_table_change_undoes_it() -> None:
+    """The lean path adds an entry, then meets what it leaves to hpack: the table must be as
+    before when hpack decodes the block from the start (else the entry would go in twice)."""
+    pair = DecoderPair(1 << 16)
+    not_indexed = b"\x00" + bytes([3]) + b"x-n" + bytes([1]) + b"1"  # literal without indexing
+    never = b"\x10" + bytes([3]) + b"x-s" + bytes([1]) + b"2"  # literal never indexed
+    assert pair.check(literal_indexed(b"x-a", b"1") + not_indexed) == "ok"
+    assert pair.check(literal_indexed(b"x-b", b"2") + never + INDEX_62) == "ok"
+    assert [n for n, _ in pair.cached._table.dynamic_entries] == [b"x-b", b"x-a"]
+    # An error after the change: hpack raises, from the state it would have had.
+    assert pair.check(literal_indexed(b"x-c", b"3") + b"\xff\xff\xff\xff\xff\xff\x7f") == "error"
