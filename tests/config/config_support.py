@@ -58,13 +58,15 @@ def wait_serving(target: str) -> None:
 class Traffic:
     """`callers` threads making UnaryEcho calls through `target` back to back until `stop`.
 
-    `answers` holds, in order, the backend that answered each call; `errors` every failure.
+    `answers` holds, in the order they came, the backend that answered each call and the
+    number of the call (calls are numbered as they start); `errors` every failure.
     """
 
     def __init__(self, target: str, callers: int = 4) -> None:
         self.channel = open_channel(target)
         self.stub = echo_stub(self.channel)
-        self.answers: list[str] = []
+        self.answers: list[tuple[int, str]] = []
+        self._started = 0
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -90,6 +92,9 @@ class Traffic:
     def _run(self) -> None:
         request = echo_pb2.EchoRequest(message="x")
         while not self._stop.is_set():
+            with self._lock:
+                number = self._started
+                self._started += 1
             try:
                 reply = self.stub.UnaryEcho(request, timeout=CALL_TIMEOUT_S)
             except grpc.RpcError as exc:
@@ -97,16 +102,18 @@ class Traffic:
                     self.errors.append(f"{exc.code()}: {exc.details()}")
                 continue
             with self._lock:
-                self.answers.append(reply.backend)
+                self.answers.append((number, reply.backend))
 
-    def count(self) -> int:
+    def started(self) -> int:
+        """How many calls have started so far (the number the next one will get)."""
         with self._lock:
-            return len(self.answers)
+            return self._started
 
-    def between(self, start: int, end: int) -> Counter[str]:
-        """Which backends gave answers start..end-1 (in the order answers came)."""
+    def answered_from(self, first: int, calls: int) -> Counter[str] | None:
+        """Which backends answered calls first..first+calls-1 (by start), once all have."""
         with self._lock:
-            return Counter(self.answers[start:end])
+            found = [backend for number, backend in self.answers if first <= number]
+        return Counter(found[:calls]) if len(found) >= calls else None
 
 
 def register(etcd: Any, key: str, address: str) -> None:

@@ -46,11 +46,17 @@ def watched_targets(admin: int) -> list[str]:
 
 
 def answers_after_now(traffic: Traffic, calls: int = 60) -> dict[str, int]:
-    """Who answers the next `calls` calls; the first few, which may have been picked before
-    the moment we look, are skipped."""
-    mark = traffic.count() + CALLERS
-    wait_for(lambda: traffic.count() >= mark + calls, f"{calls} more calls", timeout_s=15.0)
-    return dict(traffic.between(mark, mark + calls))
+    """Who answers `calls` calls started from now on. A call in flight now may have been
+    picked before the reload, and may be answered after later ones: it does not count."""
+    first = traffic.started()
+    wait_for(
+        lambda: traffic.answered_from(first, calls) is not None,
+        f"{calls} more calls",
+        timeout_s=15.0,
+    )
+    answered = traffic.answered_from(first, calls)
+    assert answered is not None
+    return dict(answered)
 
 
 def test_sighup_swaps_backends_and_policy_under_traffic_without_failed_calls(
