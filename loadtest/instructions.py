@@ -8,6 +8,12 @@ same for both proxies, are not in it.
 
     python -m loadtest.instructions                 # 1,000 calls each, about a minute
     python -m loadtest.instructions --calls 3000 --only proxy
+    python -m loadtest.instructions --load ghz --concurrency 16 --only proxy
+
+``--load ghz`` makes the calls with ghz (grpc-go's client: a new ``grpc-timeout`` on most calls,
+BDP pings) instead of h2load (the same headers on every call). Under valgrind the proxy is
+slow, so calls are far apart and nearly every one carries a new deadline: the worst case for
+header caching.
 
 Each proxy runs under ``valgrind --tool=callgrind`` in front of one goecho backend; h2load
 makes serial calls (c=1, m=1, 16-byte messages); the counters are zeroed after a warm-up
@@ -22,9 +28,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest import bench, h2load, procs, tools
+from loadtest import bench, ghz, h2load, procs, tools
 
 _SUMMARY = re.compile(r"^summary:\s+(\d+)", re.M)
 
@@ -33,12 +40,30 @@ def _callgrind(out: Path, argv: list[str]) -> list[str]:
     return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
 
 
-def _serial(h2load_path: str, url: str, body: Path, calls: int) -> None:
-    load = h2load.Load(clients=1, streams=1, requests=calls)
-    done = procs.run(h2load.argv(h2load_path, url, body, load, None), timeout_s=600)
-    report = h2load.parse(done.stdout) if done.returncode == 0 else None
-    if report is None or report.succeeded != calls:
-        raise RuntimeError(f"h2load did not complete {calls} calls:\n{done.stdout}{done.stderr}")
+@dataclass(frozen=True)
+class Caller:
+    """How the calls are made: ``tool`` is h2load or ghz, ``concurrency`` calls at a time."""
+
+    tool: str
+    path: str
+    concurrency: int = 1
+
+    def run(self, port: int, body: Path, calls: int) -> None:
+        if self.tool == "ghz":
+            load = ghz.Load(concurrency=self.concurrency, requests=calls)
+            argv = ghz.argv(self.path, bench.PROTO, f"127.0.0.1:{port}", bench.SMALL, load)
+            done = procs.run(argv, timeout_s=600)
+            succeeded = ghz.measurement(done.stdout).calls if done.returncode == 0 else -1
+        else:
+            url = f"http://127.0.0.1:{port}{h2load.PATH}"
+            hload = h2load.Load(clients=1, streams=self.concurrency, requests=calls)
+            done = procs.run(h2load.argv(self.path, url, body, hload, None), timeout_s=600)
+            report = h2load.parse(done.stdout) if done.returncode == 0 else None
+            succeeded = report.succeeded if report is not None else -1
+        if succeeded != calls:
+            raise RuntimeError(
+                f"{self.tool} did not complete {calls} calls:\n{done.stdout}{done.stderr}"
+            )
 
 
 def _control(command: str, pid: int) -> None:
@@ -53,7 +78,7 @@ def measure(
     argv: list[str],
     port: int,
     work: Path,
-    tools_: dict[str, str],
+    caller: Caller,
     calls: int,
     warmup: int,
 ) -> float:
@@ -63,12 +88,11 @@ def measure(
     failure = procs.wait_for_port(service, port, timeout_s=120)
     if failure is not None:
         raise RuntimeError(f"{failure}: {service.log_tail(5)}")
-    url = f"http://127.0.0.1:{port}{h2load.PATH}"
     body = work / "body"
     body.write_bytes(h2load.grpc_frame(bench.SMALL))
-    _serial(tools_["h2load"], url, body, warmup)
+    caller.run(port, body, warmup)
     _control("-z", service.proc.pid)
-    _serial(tools_["h2load"], url, body, calls)
+    caller.run(port, body, calls)
     _control("-d", service.proc.pid)
     sup.stop(service)
     dumps = sorted(work.glob(f"{name}.callgrind.*"), key=lambda p: p.stat().st_mtime)
@@ -90,6 +114,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", default="haproxy,proxy", help="haproxy,proxy (default both)")
     parser.add_argument(
+        "--load", choices=("h2load", "ghz"), default="h2load", help="who makes the calls"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=tools.positive_int,
+        default=1,
+        help="calls at a time (default 1: serial)",
+    )
+    parser.add_argument(
         "--proxy-cmd",
         default=bench.DEFAULT_PROXY_CMD,
         help="how to start the proxy (same fields as loadtest.bench's --proxy-cmd)",
@@ -105,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     wanted = [t.strip() for t in args.only.split(",") if t.strip()]
-    found = {name: tools.find(name) for name in ("valgrind", "callgrind_control", "h2load", "go")}
+    needed = ("valgrind", "callgrind_control", args.load, "go")
+    found = {name: tools.find(name) for name in needed}
     if "haproxy" in wanted:
         found["haproxy"] = tools.find("haproxy")
     missing = [name for name, path in found.items() if path is None]
@@ -114,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     paths = {name: path for name, path in found.items() if path is not None}
     goecho = tools.build_goecho(paths["go"])
+    caller = Caller(args.load, paths[args.load], args.concurrency)
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
         work = Path(tmp)
@@ -138,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"unknown target {name!r}", file=sys.stderr)
                     return 2
                 started = time.monotonic()
-                results[name] = measure(sup, name, cmd, port, work, paths, args.calls, args.warmup)
+                results[name] = measure(sup, name, cmd, port, work, caller, args.calls, args.warmup)
                 print(
                     f"{name:8} {results[name]:12,.0f} instructions/call "
                     f"({time.monotonic() - started:.0f} s under valgrind)",

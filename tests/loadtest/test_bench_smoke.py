@@ -329,6 +329,15 @@ def test_instructions_counts_haproxy_and_the_proxy_under_callgrind() -> None:
     assert re.fullmatch(r"ratio proxy/haproxy: \d+\.\d\dx", lines[2]), lines[2]
 
 
+@pytest.mark.needs_tool("valgrind", "ghz", "go")
+def test_instructions_with_ghz_making_the_calls() -> None:
+    need("valgrind", "callgrind_control", "ghz", "go")
+    args = ["--load", "ghz", "--concurrency", "4", "--only", "proxy", "--calls", "10"]
+    text = succeeded(run("instructions", *args, "--warmup", "1"))
+    (line,) = text.splitlines()
+    assert re.fullmatch(r"proxy +[\d,]+ instructions/call \(\d+ s under valgrind\)", line), line
+
+
 # --- the control-plane and in-process benchmarks --------------------------------------------
 
 
