@@ -98,6 +98,27 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``python -m proxy *args`` to its end, from this checkout, as a user runs it: output
+    captured as text, no stdin. ``env`` is added to a copy of ``os.environ`` without its
+    ``GRPC_ETCD_PROXY_*`` variables (so a stray export cannot change what a test sees)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_ETCD_PROXY_")}
+    full_env.update(env or {})
+    pythonpath = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    full_env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=REPO_ROOT,
+        env=full_env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def proxy_output(proc: subprocess.Popen[bytes]) -> str:
     """What the proxy has printed so far (stdout, then stderr)."""
     paths = _OUTPUTS.get(proc.pid)

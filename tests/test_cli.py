@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
+import proxy_process
 import pytest
-from proxy_process import REPO_ROOT
 
 from proxy import __version__
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    pythonpath = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return proxy_process.run_cli(*args, timeout=30)
 
 
 @pytest.mark.parametrize(

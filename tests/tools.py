@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -41,7 +42,12 @@ def require_tool(name: str) -> str:
     path = find_tool(name)
     if path is not None:
         return path
-    message = f"needs {name} (install it with `make tools`, i.e. .ci/install-tools.sh)"
+    missing_tool(name)
+
+
+def missing_tool(name: str, where: str = "") -> NoReturn:
+    """Skip the test (locally) or fail it (under CI), naming the tool."""
+    message = f"needs {name}{where} (install it with `make tools`, i.e. .ci/install-tools.sh)"
     if in_ci():
         pytest.fail(f"{message}; CI is set, so a missing tool is a failure", pytrace=False)
     pytest.skip(message)

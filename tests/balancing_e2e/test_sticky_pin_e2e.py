@@ -4,9 +4,6 @@ and clients. Each test states the property it checks and fails if the proxy does
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import grpc
@@ -14,7 +11,7 @@ import pytest
 from backends import EchoBackendsFactory, open_channel
 from balancing_e2e_support import backend_of, count_backends, map_keys, register
 from etcd_support import EtcdServer
-from proxy_process import REPO_ROOT, start_proxy, wait_for
+from proxy_process import run_cli, start_proxy, wait_for
 
 STICKY = "x-session"
 PIN = "x-instance"
@@ -155,16 +152,6 @@ def test_pin_beats_sticky_beats_round_robin(echo_backends: EchoBackendsFactory) 
     ids=["bounded-load-without-sticky", "unknown-policy", "bounded-load-1", "same-header"],
 )
 def test_bad_balancing_flags_exit_2_naming_the_flag(flags: list[str], named: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-m", "proxy", "serve", "--backend", "x:1", *flags],
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli("serve", "--backend", "x:1", *flags)
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert named in done.stderr, done.stderr

@@ -1,4 +1,4 @@
-"""Helpers for the config tests: running the CLI, and client traffic that records every call.
+"""Helpers for the config tests: client traffic that records every call, etcd registration.
 
 Import as ``from config_support import ...`` (this folder is on ``sys.path`` under pytest).
 """
@@ -6,37 +6,17 @@ Import as ``from config_support import ...`` (this folder is on ``sys.path`` und
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from collections import Counter
 from typing import Any
 
 import grpc
 from backends import echo_stub, open_channel
-from proxy_process import REPO_ROOT, wait_for
+from proxy_process import wait_for
 
 from proxy.echo import echo_pb2
 
 CALL_TIMEOUT_S = 10.0
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m proxy *args` to its end; `env` is added to a copy of os.environ."""
-    pythonpath = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_ETCD_PROXY_")}
-    full_env.update(env or {})
-    full_env["PYTHONPATH"] = os.pathsep.join(pythonpath)
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        cwd=REPO_ROOT,
-        env=full_env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def wait_serving(target: str) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 from backends import EchoBackendsFactory, echo_stub, open_channel
-from config_support import run_cli
-from proxy_process import log_events, start_proxy
+from proxy_process import log_events, run_cli, start_proxy
 
 from proxy.echo import echo_pb2
 

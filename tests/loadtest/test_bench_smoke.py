@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from tools import in_ci, tool_env
+from tools import missing_tool, tool_env
 
 from proxy.balancing.policies import POLICIES
 
@@ -50,20 +50,12 @@ TIMES_RATIO = re.compile(r"^\d+\.\d\d\u00d7( \(latency\))?$")  # loadtest.bench'
 # --- tools ----------------------------------------------------------------------------------
 
 
-def _missing(name: str, why: str = "") -> None:
-    """Skip (locally) or fail (under CI) as ``tools.require_tool`` does, naming the tool."""
-    message = f"needs {name}{why} (install it with `make tools`, i.e. .ci/install-tools.sh)"
-    if in_ci():
-        pytest.fail(f"{message}; CI is set, so a missing tool is a failure", pytrace=False)
-    pytest.skip(message)
-
-
 def need(*names: str) -> None:
     """Each tool where the benches look for it (loadtest/tools.py: .tools/bin, ~/go/bin, PATH,
     /usr/local/go/bin, /usr/sbin)."""
     for name in names:
         if bench_tools.find(name) is None:
-            _missing(name)
+            missing_tool(name)
 
 
 def need_etcd() -> None:
@@ -73,7 +65,7 @@ def need_etcd() -> None:
         candidate = Path(directory) / "etcd"
         if directory and Path(directory) != venv_bin and os.access(candidate, os.X_OK):
             return
-    _missing("etcd", " on PATH")
+    missing_tool("etcd", " on PATH")
 
 
 # --- running a command ----------------------------------------------------------------------
