@@ -283,12 +283,9 @@ class EtcdDiscovery:
         metrics stop showing them)."""
         keep = {target.rstrip("/") for target in targets}
         dropped = [name for name in self.watches if name not in keep]
-        tasks = [task for name in dropped if (task := self._tasks.pop(name, None)) is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop(dropped)
         for name in dropped:
-            self.watches.pop(name).state = WatchState.CLOSED
+            del self.watches[name]
         return dropped
 
     async def start(self) -> None:
@@ -310,13 +307,7 @@ class EtcdDiscovery:
 
     async def close(self) -> None:
         """Stop every sync task and close the etcd client (if this object made it)."""
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for watch in self.watches.values():
-            watch.state = WatchState.CLOSED
+        await self._stop(list(self.watches))
         self._started = False
         if self._owns_client:
             await self.client.close()
@@ -332,6 +323,15 @@ class EtcdDiscovery:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def _stop(self, names: list[str]) -> None:
+        """Cancel the sync tasks of these targets, wait for them to end, mark them closed."""
+        tasks = [task for name in names if (task := self._tasks.pop(name, None)) is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for name in names:
+            self.watches[name].state = WatchState.CLOSED
 
     def _spawn(self, watch: TargetWatch) -> None:
         task = asyncio.create_task(watch.run(), name=f"etcd-discovery:{watch.target}")
