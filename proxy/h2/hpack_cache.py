@@ -30,6 +30,7 @@ from collections import deque
 from typing import Final
 
 from hpack import Decoder, Encoder, HPACKError
+from hpack.hpack import encode_integer
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
@@ -60,15 +61,9 @@ _TRACKED_NAMES_MAX: Final = 64  # names whose values are counted, per connection
 def _string(data: bytes) -> bytes:
     """An HPACK string literal without Huffman coding (RFC 7541 5.2): 7-bit prefix length."""
     n = len(data)
-    if n < 127:
+    if n < 127:  # a grpc-timeout or a trace id: one byte, without hpack's general loop
         return bytes((n,)) + data
-    out = bytearray(b"\x7f")
-    n -= 127
-    while n >= 128:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + data
+    return bytes(encode_integer(n, 7)) + data
 
 
 def literal_without_indexing(name: bytes, value: bytes) -> bytes:
