@@ -27,7 +27,7 @@ from prometheus_client.core import (
 from proxy import __version__
 from proxy.admin.state import STATES, endpoint_state, targets
 from proxy.relay.grpc_status import Status
-from proxy.relay.stats import DURATION_BUCKETS, NO_BACKEND, split_path
+from proxy.relay.stats import DURATION_BUCKETS, NO_BACKEND, add_counts, split_path
 
 if TYPE_CHECKING:
     from proxy.relay.server import ProxyServer
@@ -201,13 +201,7 @@ class ServerCollector:
     def _durations(self, snap: Snapshot) -> Metric:
         merged: dict[tuple[str, str], list[float]] = {}
         for path, hist in snap.durations:
-            key = self._labels(path)
-            into = merged.get(key)
-            if into is None:
-                merged[key] = list(hist)
-            else:
-                for i, v in enumerate(hist):
-                    into[i] += v
+            add_counts(merged, self._labels(path), hist)
         family = HistogramMetricFamily(
             "grpc_proxy_call_duration_seconds",
             "Call duration from the request headers to the end of the response.",

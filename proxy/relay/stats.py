@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from typing import Final
+from collections.abc import Hashable, Sequence
+from typing import Final, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 # Call duration buckets in seconds (upper bounds; +Inf is implied): 0.5 ms to 60 s, roughly
 # x2.5 apart, the range of unary calls through long streams.
@@ -148,13 +151,18 @@ class CallStats:
             hist = row[BUCKET0:]
             if not any(hist[:-1]):
                 continue
-            into = out.get(path)
-            if into is None:
-                out[path] = list(hist)
-            else:
-                for i, v in enumerate(hist):
-                    into[i] += v
+            add_counts(out, path, hist)
         return out
+
+
+def add_counts(sums: dict[K, list[float]], key: K, counts: Sequence[float]) -> None:
+    """Add ``counts`` (a histogram row) into ``sums[key]``, element by element."""
+    into = sums.get(key)
+    if into is None:
+        sums[key] = list(counts)
+    else:
+        for i, v in enumerate(counts):
+            into[i] += v
 
 
 def split_path(path: bytes) -> tuple[str, str]:
