@@ -118,28 +118,25 @@ def test_least_request_sends_less_to_a_slow_endpoint() -> None:
     assert rr[slow] == 5_000
 
 
-def test_least_request_weights_1_2_3_under_load() -> None:
-    # 30 calls in flight at a time, every backend as fast: in-flight per unit of weight is
-    # what least_request equalises, so shares follow the weights. Tolerance +-3 points
-    # (the simulation settles within about 1).
+@pytest.mark.parametrize(
+    ("concurrency", "seed"),
+    [
+        # 30 calls in flight at a time, every backend as fast: in-flight per unit of weight
+        # is what least_request equalises, so shares follow the weights.
+        (30, 8),
+        # One call at a time: every count is 0 and only the weighted sampling of the two
+        # candidates can follow the weights.
+        (1, 9),
+    ],
+    ids=["under-load", "when-idle"],
+)
+def test_least_request_weights_1_2_3(concurrency: int, seed: int) -> None:
+    # Tolerance +-3 points (the simulation settles within about 1).
     served = simulate(
-        Balancer("least_request", rng=random.Random(8)),
+        Balancer("least_request", rng=random.Random(seed)),
         pool(3, WEIGHTS_123),
         calls=30_000,
-        concurrency=30,
-    )
-    for i, weight in enumerate(WEIGHTS_123):
-        assert abs(served[address(i)] / 30_000 - weight / 6) < 0.03
-
-
-def test_least_request_weights_1_2_3_when_idle() -> None:
-    # One call at a time: every count is 0 and only the weighted sampling of the two
-    # candidates can follow the weights. Same +-3 points.
-    served = simulate(
-        Balancer("least_request", rng=random.Random(9)),
-        pool(3, WEIGHTS_123),
-        calls=30_000,
-        concurrency=1,
+        concurrency=concurrency,
     )
     for i, weight in enumerate(WEIGHTS_123):
         assert abs(served[address(i)] / 30_000 - weight / 6) < 0.03

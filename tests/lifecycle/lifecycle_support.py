@@ -23,6 +23,7 @@ from hpack import Decoder
 from proxy_process import proxy_output
 
 from proxy.echo import echo_pb2, echo_pb2_grpc
+from proxy.echo.server import EchoServer
 from proxy.h2 import frames as fr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "abuse"))
@@ -139,6 +140,15 @@ def own_channel(port: int) -> grpc.Channel:
 
 def stub(channel: grpc.Channel) -> echo_pb2_grpc.EchoStub:
     return echo_pb2_grpc.EchoStub(channel)
+
+
+def slow_call_at_backend(channel: grpc.Channel, backend: EchoServer) -> grpc.Future:
+    """A unary call the backend holds for 30 s, once the backend has it (and not before)."""
+    call = stub(channel).UnaryEcho.future(
+        echo_pb2.EchoRequest(message="slow"), metadata=[("x-echo-delay-ms", "30000")]
+    )
+    eventually(lambda: backend.servicer.calls >= 1, 10, "the call at the backend")
+    return call
 
 
 def unary_on_new_connection(port: int, message: str = "hi") -> str:

@@ -13,12 +13,12 @@ from lifecycle_support import (
     RawH2Client,
     connection_refused,
     data_of,
-    eventually,
     exit_code,
     goaways,
     grpc_status,
     own_channel,
     send_unary,
+    slow_call_at_backend,
     stub,
     wait_for_goaways,
     wait_for_log,
@@ -128,10 +128,7 @@ def test_second_signal_exits_at_once(echo_backends: EchoBackendsFactory) -> None
     (backend,) = echo_backends(1)
     args = serve_args(backend.address, "--drain-timeout", "60")
     with start_proxy(args) as (proc, port), own_channel(port) as channel:
-        call = stub(channel).UnaryEcho.future(
-            echo_pb2.EchoRequest(message="slow"), metadata=[("x-echo-delay-ms", "30000")]
-        )
-        eventually(lambda: backend.servicer.calls >= 1, 10, "the call at the backend")
+        call = slow_call_at_backend(channel, backend)
         proc.send_signal(signal.SIGTERM)
         wait_for_log(proc, "draining")
         proc.send_signal(signal.SIGINT)
@@ -145,10 +142,7 @@ def test_drain_timeout_ends_the_call_with_unavailable(echo_backends: EchoBackend
     (backend,) = echo_backends(1)
     args = serve_args(backend.address, "--drain-timeout", "1")
     with start_proxy(args) as (proc, port), own_channel(port) as channel:
-        call = stub(channel).UnaryEcho.future(
-            echo_pb2.EchoRequest(message="slow"), metadata=[("x-echo-delay-ms", "30000")]
-        )
-        eventually(lambda: backend.servicer.calls >= 1, 10, "the call at the backend")
+        call = slow_call_at_backend(channel, backend)
         proc.send_signal(signal.SIGTERM)
         with pytest.raises(grpc.RpcError) as ended:
             call.result(timeout=15)

@@ -21,6 +21,7 @@ from lifecycle_support import (
     parent_of,
     pid_alive,
     samples,
+    slow_call_at_backend,
     stub,
     unary_on_new_connection,
     wait_for_log,
@@ -139,10 +140,7 @@ def test_second_sigterm_kills_the_workers_at_once(echo_backends: EchoBackendsFac
     with workers_proxy(backend.address, "--drain-timeout", "60") as (proc, port, admin):
         pids = worker_pids(admin)
         with own_channel(port) as channel:
-            call = stub(channel).UnaryEcho.future(
-                echo_pb2.EchoRequest(message="slow"), metadata=[("x-echo-delay-ms", "30000")]
-            )
-            eventually(lambda: backend.servicer.calls >= 1, 10, "the call at the backend")
+            call = slow_call_at_backend(channel, backend)
             proc.send_signal(signal.SIGTERM)
             wait_for_log(proc, "draining_workers")
             proc.send_signal(signal.SIGTERM)
