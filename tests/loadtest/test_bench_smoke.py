@@ -374,6 +374,18 @@ def test_health_checks_bench_runs_every_mode() -> None:
         assert re.fullmatch(rf"{mode} {checks}{lag}", line), line
 
 
+def test_hpack_bench_times_both_decoders_and_the_validation() -> None:
+    text = succeeded(run("hpack_bench", "--blocks", "50", "--repeat", "1"))
+    lines = text.splitlines()
+    assert lines[0] == "new grpc-go request block, 51 blocks, best of 1:", lines
+    assert re.fullmatch(r"  hpack Decoder +\d+\.\d us/block", lines[1]), lines
+    assert re.fullmatch(
+        r"  proxy CachingDecoder +\d+\.\d us/block \(\d+\.\dx faster\)", lines[2]
+    ), lines
+    assert re.fullmatch(r"  validate_request +\d+\.\d us/list", lines[3]), lines
+    assert len(lines) == 4, lines
+
+
 def test_pick_bench_prints_a_row_per_policy_and_per_rebuild() -> None:
     text = succeeded(run("pick_bench", "--sizes", "2,3", "--batch", "10", "--repeat", "1"))
 
