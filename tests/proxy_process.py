@@ -98,6 +98,12 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def import_checkout(env: dict[str, str]) -> None:
+    """Put this checkout first on ``env``'s PYTHONPATH, so that `python -m proxy` imports it
+    even without an editable install."""
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
@@ -106,8 +112,7 @@ def run_cli(
     ``GRPC_ETCD_PROXY_*`` variables (so a stray export cannot change what a test sees)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_ETCD_PROXY_")}
     full_env.update(env or {})
-    pythonpath = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    full_env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+    import_checkout(full_env)
     return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
         cwd=REPO_ROOT,
@@ -167,10 +172,7 @@ def start_proxy(
     ):
         args += ["--admin", "127.0.0.1:0"]
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    # Make `python -m proxy` import this checkout even without an editable install.
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p
-    )
+    import_checkout(full_env)
 
     with tempfile.TemporaryDirectory(prefix="proxy-test-") as tmp:
         stdout_path = Path(tmp) / "stdout.log"
