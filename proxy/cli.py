@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from proxy.discovery.watcher import EtcdDiscovery
     from proxy.relay.server import ProxyServer, ServerOptions
     from proxy.supervisor import WorkerRole
+    from proxy.tls import UpstreamTLS
 
 log = structlog.get_logger("proxy.cli")
 
@@ -293,7 +296,90 @@ def server_options(cfg: ServeConfig) -> ServerOptions:
         outlier_max_ejection_s=cfg.outlier_max_ejection,
         outlier_max_ejection_percent=cfg.outlier_max_ejection_percent,
         access_log_sample=cfg.access_log_sample,
+        tls_handshake_timeout_s=cfg.tls_handshake_timeout,
+        tls_max_pending_handshakes=cfg.tls_max_pending_handshakes,
     )
+
+
+# ---------------------------------------------------------------------------- serve: TLS
+
+
+@dataclass(frozen=True, slots=True)
+class TLSContexts:
+    """The contexts a config makes: the listeners' (None: no TLS listener), the backends'
+    default and per target (None: cleartext)."""
+
+    listener: ssl.SSLContext | None
+    upstream: UpstreamTLS | None
+    per_target: dict[str, UpstreamTLS | None]
+
+
+def tls_contexts(cfg: ServeConfig) -> TLSContexts:
+    """Reads every certificate, key and CA file the config names; raises ConfigError naming
+    the setting and the file."""
+    from proxy import tls
+
+    try:
+        listener = None
+        if any(cfg.is_tls(address) for address in cfg.listen) and cfg.tls_cert and cfg.tls_key:
+            listener = tls.server_context(
+                tls.ServerTLSFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            )
+        built: dict[tls.UpstreamTLSFiles, tls.UpstreamTLS] = {}
+
+        def upstream(over: config.BackendTLS) -> tls.UpstreamTLS | None:
+            def pick(value: Any, default: Any) -> Any:
+                return default if value is None else value
+
+            if not pick(over.enabled, cfg.backend_tls):
+                return None
+            files = tls.UpstreamTLSFiles(
+                ca=pick(over.ca, cfg.backend_ca),
+                cert=pick(over.cert, cfg.backend_cert),
+                key=pick(over.key, cfg.backend_key),
+                server_name=pick(over.server_name, cfg.backend_server_name),
+                skip_verify=pick(over.skip_verify, cfg.backend_tls_skip_verify),
+            )
+            if files not in built:  # targets with the same settings share one context
+                built[files] = tls.upstream_context(files)
+            return built[files]
+
+        default = upstream(config.BackendTLS())
+        per_target = {name.rstrip("/"): upstream(over) for name, over in cfg.targets}
+    except tls.TLSFileError as exc:
+        settings = exc.setting.split("/")
+        where = " / ".join(describe(cfg, s) if s in config.BY_NAME else s for s in settings)
+        if settings[0] not in ("tls_cert", "tls_key", "tls_client_ca") and cfg.targets:
+            where += " (or a [targets] table)"
+        path = f"{exc.path}: " if exc.path else ""
+        raise ConfigError(f"serve: {where}: {path}{exc.reason}") from None
+    return TLSContexts(listener, default, per_target)
+
+
+def allowed_of(cfg: ServeConfig) -> dict[str, frozenset[str]]:
+    allowed: dict[str, set[str]] = {}
+    for service, identity in cfg.route_allow:
+        allowed.setdefault(service, set()).add(identity)
+    return {service: frozenset(ids) for service, ids in allowed.items()}
+
+
+def apply_tls(server: ProxyServer, cfg: ServeConfig, contexts: TLSContexts) -> None:
+    if contexts.listener is not None:
+        server.set_listener_tls(contexts.listener)
+    server.set_upstream_tls(contexts.upstream, contexts.per_target)
+    server.allowed = allowed_of(cfg)
+    unverified = [
+        name
+        for name, ctx in [("*", contexts.upstream), *contexts.per_target.items()]
+        if ctx is not None and ctx.files.skip_verify
+    ]
+    if unverified:
+        log.warning(
+            "backend_tls_verification_off",
+            targets=unverified,
+            detail="backend certificates are NOT verified (backend_tls_skip_verify): anyone "
+            "on the path can impersonate these backends",
+        )
 
 
 class Pools:
@@ -373,6 +459,13 @@ class Reloader:
             new = self._read()
             if new is None:
                 return False
+            try:
+                # Every file again, even if no setting changed: that is how a renewed
+                # certificate reaches new connections.
+                contexts = tls_contexts(new)
+            except ConfigError as exc:
+                log.error("config.reload_failed", error=str(exc), kept="the running configuration")
+                return False
             router = self.pools.router(new)
             discovery = self.pools.discovery
             if discovery is not None:
@@ -381,6 +474,7 @@ class Reloader:
                 await discovery.wait_ready(FIRST_LISTING_WAIT_S)
             applied = config.changed(self.current, new)
             self.server.reconfigure(router, balancer_of(new))
+            apply_tls(self.server, new, contexts)
             if discovery is not None:
                 # After the swap: no new call picks from a dropped target's pool any more.
                 dropped = await discovery.retain(self.pools.targets(new))
@@ -420,6 +514,11 @@ async def serve(cfg: ServeConfig, flags: dict[str, Any], role: WorkerRole | None
     worker (its admin endpoint is then a unix socket the supervisor reads)."""
     from proxy.relay.server import ProxyServer
 
+    try:
+        contexts = tls_contexts(cfg)
+    except ConfigError as exc:
+        print(f"grpc-etcd-proxy: {exc}", file=sys.stderr)
+        return 2
     async with contextlib.AsyncExitStack() as stack:
         discovery: EtcdDiscovery | None = None
         if cfg.etcd:
@@ -443,6 +542,7 @@ async def serve(cfg: ServeConfig, flags: dict[str, Any], role: WorkerRole | None
             pools.router(cfg), limits_of(cfg), server_options(cfg), balancer_of(cfg)
         )
         server.discovery = discovery
+        apply_tls(server, cfg, contexts)
         stack.push_async_callback(server.close)
         if role is not None:
             await role.start_admin(stack, server)
@@ -461,8 +561,16 @@ async def serve(cfg: ServeConfig, flags: dict[str, Any], role: WorkerRole | None
             server.health = health
             health.start()
             stack.push_async_callback(health.close)
-        host, port = cfg.listen
-        await server.listen(host, port, reuse_port=role is not None)
+        for address in cfg.listen:
+            if address.path is not None:
+                await server.listen_unix(address.path)
+            else:
+                await server.listen(
+                    address.host,
+                    address.port,
+                    reuse_port=role is not None,
+                    tls=contexts.listener if cfg.is_tls(address) else None,
+                )
         _tune_gc()
         from proxy.lifecycle import run_until_stopped
 

@@ -41,11 +41,54 @@ Route = tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """One listener. `tls` None (a bare HOST:PORT) means TLS when `tls_cert` is set (see
+    `ServeConfig.is_tls`). `path`: a Unix socket."""
+
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+    tls: bool | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        scheme = {None: "", True: "tls:", False: "h2c:"}[self.tls]
+        return f"{scheme}{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendTLS:
+    """TLS towards one target's backends; a field left None in a `[targets.NAME]` table takes
+    the value of the top-level `backend_*` setting."""
+
+    enabled: bool | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+    skip_verify: bool | None = None
+
+
+DEFAULT_LISTEN_ADDRESS = ListenAddress(*DEFAULT_LISTEN)
+# The keys of a [targets.NAME] table, and the BackendTLS field each sets.
+TARGET_KEYS = {
+    "backend_tls": "enabled",
+    "backend_ca": "ca",
+    "backend_cert": "cert",
+    "backend_key": "key",
+    "backend_server_name": "server_name",
+    "backend_tls_skip_verify": "skip_verify",
+}
+
+
+@dataclass(frozen=True, slots=True)
 class ServeConfig:
     """Everything `serve` runs with; `sources` says where each value came from (see
     `ConfigLoader.describe`)."""
 
-    listen: HostPort = DEFAULT_LISTEN
+    listen: tuple[ListenAddress, ...] = (DEFAULT_LISTEN_ADDRESS,)
     backend: tuple[str, ...] = ()
     etcd: str | None = None
     target: str | None = None
@@ -59,6 +102,19 @@ class ServeConfig:
     sticky_header: str | None = None
     bounded_load: float | None = None
     pin_header: str | None = None
+    route_allow: tuple[Route, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_handshake_timeout: float = 5.0
+    tls_max_pending_handshakes: int = 1024
+    backend_tls: bool = False
+    backend_ca: str | None = None
+    backend_cert: str | None = None
+    backend_key: str | None = None
+    backend_server_name: str | None = None
+    backend_tls_skip_verify: bool = False
+    targets: tuple[tuple[str, BackendTLS], ...] = ()
     max_concurrent_streams: int = _LIMITS.max_concurrent_streams
     max_header_list_size: int = _LIMITS.max_header_list_size
     stream_window: int = _LIMITS.stream_window
@@ -82,6 +138,9 @@ class ServeConfig:
     config: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
+    def is_tls(self, address: ListenAddress) -> bool:
+        return address.tls if address.tls is not None else bool(self.tls_cert)
+
 
 # ---------------------------------------------------------------------------- converters
 # Each takes the text of one value and returns it converted, or raises ValueError with what
@@ -95,6 +154,29 @@ def hostport(value: str) -> HostPort:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     host = host.strip("[]")
     return host or "0.0.0.0", int(port)
+
+
+def listen_address(value: str) -> ListenAddress:
+    """`HOST:PORT`, `tls:HOST:PORT`, `h2c:HOST:PORT` or `unix:PATH`."""
+    text = value.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if path.startswith("//"):  # unix:///run/x.sock, as gRPC clients spell it
+            path = path[2:]
+        if not path.startswith("/") and not path.startswith("."):
+            raise ValueError(f"expected unix:/ABSOLUTE/PATH, got {value!r}")
+        return ListenAddress(path=path, tls=False)
+    tls: bool | None = None
+    for scheme, flag in (("tls:", True), ("h2c:", False)):
+        if text.startswith(scheme):
+            text, tls = text[len(scheme) :], flag
+    try:
+        host, port = hostport(text)
+    except ValueError:
+        raise ValueError(
+            f"expected HOST:PORT, tls:HOST:PORT, h2c:HOST:PORT or unix:PATH, got {value!r}"
+        ) from None
+    return ListenAddress(host, port, tls=tls)
 
 
 def address(value: str) -> str:
@@ -187,6 +269,10 @@ def text(value: str) -> str:
     return value.strip()
 
 
+def _no_text(value: str) -> Any:
+    raise ValueError("only a TOML table sets this")
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def convert(value: str) -> str:
         if value.strip() not in choices:
@@ -203,7 +289,7 @@ def optional_one_of(*choices: str) -> Callable[[str], str | None]:
 
 # ---------------------------------------------------------------------------- the table
 
-Kind = Literal["scalar", "number", "bool", "list", "routes", "endpoints"]
+Kind = Literal["scalar", "number", "bool", "list", "routes", "allow", "endpoints", "targets"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +308,7 @@ class Setting:
     # Applied by SIGHUP; the others need a restart.
     reloadable: bool = False
     in_file: bool = True  # False: only a flag or a variable may set it
+    in_flags: bool = True  # False: only the TOML file may set it (no flag, no variable)
     shown_default: str | None = None  # for --help, when the raw default reads badly
 
     @property
@@ -245,9 +332,12 @@ SETTINGS: tuple[Setting, ...] = (
     _s("config", optional, "read settings from this TOML file", metavar="FILE", in_file=False),
     _s(
         "listen",
-        hostport,
-        "listen on HOST:PORT (':PORT' is every IPv4 interface)",
-        metavar="HOST:PORT",
+        listen_address,
+        "listen on HOST:PORT (':PORT' is every IPv4 interface; TLS when --tls-cert is given), "
+        "tls:HOST:PORT, h2c:HOST:PORT (cleartext whatever --tls-cert says) or unix:PATH (a "
+        "Unix socket, cleartext); repeatable",
+        metavar="[tls:|h2c:]HOST:PORT|unix:PATH",
+        kind="list",
         shown_default="127.0.0.1:50051",
     ),
     _s(
@@ -326,6 +416,116 @@ SETTINGS: tuple[Setting, ...] = (
         "goes there or fails with UNAVAILABLE",
         metavar="NAME",
         group="balancing",
+        reloadable=True,
+    ),
+    _s(
+        "route_allow",
+        route,
+        "only clients whose verified certificate names IDENTITY (a URI or DNS SAN, or the "
+        "subject CN) may call SERVICE; others get PERMISSION_DENIED (repeatable; a service "
+        "with no entry is open to all)",
+        metavar="SERVICE=IDENTITY",
+        kind="allow",
+        reloadable=True,
+    ),
+    _s(
+        "tls_cert",
+        optional,
+        "listener certificate (PEM; may hold the chain after the leaf)",
+        metavar="FILE",
+        group="tls",
+        reloadable=True,
+    ),
+    _s(
+        "tls_key",
+        optional,
+        "listener private key (PEM)",
+        metavar="FILE",
+        group="tls",
+        reloadable=True,
+    ),
+    _s(
+        "tls_client_ca",
+        optional,
+        "require client certificates signed by this CA (mutual TLS)",
+        metavar="FILE",
+        group="tls",
+        reloadable=True,
+    ),
+    _s(
+        "tls_handshake_timeout",
+        positive_seconds,
+        "a TLS handshake not done within this closes the connection",
+        metavar="S",
+        kind="number",
+        group="tls",
+    ),
+    _s(
+        "tls_max_pending_handshakes",
+        positive_int,
+        "TLS handshakes in progress at once; connections past it are closed on accept",
+        metavar="N",
+        kind="number",
+        group="tls",
+    ),
+    _s(
+        "backend_tls",
+        boolean,
+        "connect to backends with TLS (ALPN h2)",
+        kind="bool",
+        group="tls",
+        reloadable=True,
+    ),
+    _s(
+        "backend_ca",
+        optional,
+        "CA that signs the backends' certificates",
+        metavar="FILE",
+        group="tls",
+        reloadable=True,
+        shown_default="the system store",
+    ),
+    _s(
+        "backend_cert",
+        optional,
+        "client certificate for backends that require one (mutual TLS)",
+        metavar="FILE",
+        group="tls",
+        reloadable=True,
+    ),
+    _s(
+        "backend_key",
+        optional,
+        "private key of --backend-cert",
+        metavar="FILE",
+        group="tls",
+        reloadable=True,
+    ),
+    _s(
+        "backend_server_name",
+        optional,
+        "name checked in the backends' certificates and sent as SNI",
+        metavar="NAME",
+        group="tls",
+        reloadable=True,
+        shown_default="the host of each endpoint's address",
+    ),
+    _s(
+        "backend_tls_skip_verify",
+        boolean,
+        "do not verify the backends' certificates (logs a warning at start; for tests only)",
+        kind="bool",
+        group="tls",
+        reloadable=True,
+    ),
+    _s(
+        "targets",
+        _no_text,
+        "per-target backend TLS: a TOML table [targets.NAME] with any of backend_tls, "
+        "backend_ca, backend_cert, backend_key, backend_server_name, backend_tls_skip_verify "
+        "(what it leaves out comes from the settings above)",
+        kind="targets",
+        in_flags=False,
         reloadable=True,
     ),
     _s(
@@ -512,6 +712,7 @@ class ConfigError(Exception):
 _GROUP_TITLES = {
     "etcd": "etcd",
     "balancing": "balancing",
+    "tls": "TLS (listener and backends; SIGHUP re-reads every file)",
     "limits": "client connection limits",
     "resilience": "retries, outlier detection and health checks",
     "operations": "operations (admin endpoint, logs, drain, workers)",
@@ -523,6 +724,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     which were given. Values stay text here: `load` converts them like the other sources."""
     groups: dict[str, Any] = {"serve": parser}
     for setting in SETTINGS:
+        if not setting.in_flags:
+            continue
         group = groups.get(setting.group)
         if group is None:
             group = groups[setting.group] = parser.add_argument_group(_GROUP_TITLES[setting.group])
@@ -537,7 +740,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                 help=help_text.replace("%", "%%"),
             )
             continue
-        repeat = setting.kind in ("list", "routes")
+        repeat = setting.kind in ("list", "routes", "allow")
         group.add_argument(
             setting.flag,
             dest=setting.name,
@@ -561,7 +764,11 @@ def _shown_default(setting: Setting) -> str:
 
 def flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given as flags (text, a list of text, or a bool)."""
-    return {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name) is not None}
+    return {
+        s.name: getattr(args, s.name)
+        for s in SETTINGS
+        if s.in_flags and getattr(args, s.name) is not None
+    }
 
 
 # ---------------------------------------------------------------------------- loading
@@ -616,7 +823,7 @@ def _from_flags(flags: Mapping[str, Any]) -> _Layer:
         source = setting.flag
         if setting.kind == "bool":
             value: Any = bool(raw)
-        elif setting.kind in ("list", "routes"):
+        elif setting.kind in ("list", "routes", "allow"):
             value = tuple(_convert(setting, item, source) for item in raw)
         else:
             value = _convert(setting, raw, source)
@@ -632,10 +839,10 @@ def _from_env(environ: Mapping[str, str]) -> _Layer:
             continue
         source = f"environment {var}"
         setting = BY_NAME.get(var[len(ENV_PREFIX) :].lower())
-        if setting is None or setting.env != var:
+        if setting is None or setting.env != var or not setting.in_flags:
             raise ConfigError(f"{source}: unknown setting{_suggest(var, _env_names())}")
         raw = environ[var]
-        if setting.kind in ("list", "routes"):
+        if setting.kind in ("list", "routes", "allow"):
             items = [item for item in raw.split(",") if item.strip()]
             value: Any = tuple(_convert(setting, item, source) for item in items)
         else:
@@ -646,7 +853,7 @@ def _from_env(environ: Mapping[str, str]) -> _Layer:
 
 
 def _env_names() -> list[str]:
-    return [s.env for s in SETTINGS]
+    return [s.env for s in SETTINGS if s.in_flags]
 
 
 def _from_file(path: str) -> _Layer:
@@ -684,6 +891,8 @@ def _from_toml(setting: Setting, raw: Any, source: str) -> Any:
             raise ConfigError(f"{source}: expected a number, got {_toml_repr(raw)}")
         return _convert(setting, str(raw), source)
     if kind == "list":
+        if isinstance(raw, str) and setting.name == "listen":
+            raw = [raw]  # one listener, as the key was spelled before it took several
         if not isinstance(raw, list):
             raise ConfigError(f"{source}: expected an array of strings, got {_toml_repr(raw)}")
         return tuple(_convert(setting, _toml_str(item, source), source) for item in raw)
@@ -698,9 +907,44 @@ def _from_toml(setting: Setting, raw: Any, source: str) -> Any:
                 f'"SERVICE=TARGET", got {_toml_repr(raw)}'
             )
         return tuple(_convert(setting, item, source) for item in items)
+    if kind == "allow":
+        if isinstance(raw, dict):
+            items = []
+            for service, ids in raw.items():
+                for identity in ids if isinstance(ids, list) else [ids]:
+                    items.append(f"{service}={_toml_str(identity, source)}")
+        elif isinstance(raw, list):
+            items = [_toml_str(item, source) for item in raw]
+        else:
+            raise ConfigError(
+                f'{source}: expected a table {{"pkg.Service" = ["identity", ...]}} or an array '
+                f'of "SERVICE=IDENTITY", got {_toml_repr(raw)}'
+            )
+        return tuple(_convert(setting, item, source) for item in items)
+    if kind == "targets":
+        return _targets_from_toml(raw, source)
     if kind == "endpoints" and isinstance(raw, list):
         return _convert(setting, ",".join(_toml_str(item, source) for item in raw), source)
     return _convert(setting, _toml_str(raw, source), source)
+
+
+def _targets_from_toml(raw: Any, source: str) -> tuple[tuple[str, BackendTLS], ...]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected tables [targets.NAME], got {_toml_repr(raw)}")
+    targets = []
+    for name, table in raw.items():
+        where = f"{source}.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table, got {_toml_repr(table)}")
+        fields: dict[str, Any] = {}
+        for key, value in table.items():
+            field_name = TARGET_KEYS.get(key)
+            if field_name is None:
+                hint = _suggest(key, list(TARGET_KEYS))
+                raise ConfigError(f"{where}: {key}: unknown setting{hint}")
+            fields[field_name] = _from_toml(BY_NAME[key], value, f"{where}.{key}")
+        targets.append((name, BackendTLS(**fields)))
+    return tuple(targets)
 
 
 def _toml_str(raw: Any, source: str) -> str:
@@ -733,11 +977,51 @@ def _suggest(word: str, known: Sequence[str]) -> str:
 
 def _check_ranges(config: ServeConfig) -> None:
     """Checks between settings that need no other module."""
+    _check_tls(config)
     if config.outlier_max_ejection < config.outlier_base_ejection:
         raise ConfigError(
             f"{describe(config, 'outlier_max_ejection')}: must be at least "
             f"{describe(config, 'outlier_base_ejection')} ({config.outlier_base_ejection} s), "
             f"got {config.outlier_max_ejection}"
+        )
+
+
+def _check_tls(config: ServeConfig) -> None:
+    def name(setting: str) -> str:
+        return describe(config, setting)
+
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError(f"{name('tls_cert')} and {name('tls_key')} go together")
+    tls_listeners = [str(a) for a in config.listen if config.is_tls(a)]
+    if tls_listeners and not config.tls_cert:
+        raise ConfigError(
+            f"{name('listen')}: {tls_listeners[0]} is a TLS listener: it needs "
+            f"{name('tls_cert')} FILE and {name('tls_key')} FILE"
+        )
+    if config.tls_client_ca and not tls_listeners:
+        raise ConfigError(f"{name('tls_client_ca')}: no TLS listener to require client certs on")
+    if bool(config.backend_cert) != bool(config.backend_key):
+        raise ConfigError(f"{name('backend_cert')} and {name('backend_key')} go together")
+    if not config.backend_tls and not config.targets:
+        for setting in (
+            "backend_ca",
+            "backend_cert",
+            "backend_server_name",
+            "backend_tls_skip_verify",
+        ):
+            if getattr(config, setting):
+                raise ConfigError(f"{name(setting)} needs {name('backend_tls')}")
+    if config.route_allow and not config.tls_client_ca:
+        raise ConfigError(
+            f"{name('route_allow')}: client identities come from client certificates: it "
+            f"needs {name('tls_client_ca')} on a TLS listener"
+        )
+    paths = [a.path for a in config.listen if a.path is not None]
+    if config.workers > 1 and paths:
+        raise ConfigError(
+            f"{name('listen')}: unix:{paths[0]}: a Unix socket listener needs "
+            f"{name('workers')} 1 (workers share TCP ports with SO_REUSEPORT, which Unix "
+            "sockets do not have)"
         )
 
 

@@ -69,6 +69,7 @@ class Snapshot:
     client_connections: int
     backend_connections: list[tuple[str, dict[str, int]]]  # address -> connections per state
     limits_tripped: list[tuple[str, int]]
+    tls_handshake_failures: list[tuple[str, int]]
     draining: bool
     started_at: float
 
@@ -87,13 +88,13 @@ def snapshot(server: ProxyServer) -> Snapshot:
             in_flight[endpoint.address] = 0
         pool_endpoints.append((pool.target, counts))
     in_flight.update(server.inflight)
-    backend_connections = []
-    for address, ep in server.pool.endpoints.items():
-        states: dict[str, int] = {}
+    by_address: dict[str, dict[str, int]] = {}
+    for ep in server.pool.endpoints.values():
+        states = by_address.setdefault(ep.address, {})
         for conn in ep.conns:
             name = conn.state.name.lower()
             states[name] = states.get(name, 0) + 1
-        backend_connections.append((address, states))
+    backend_connections = list(by_address.items())
     discovery = server.discovery
     watches = discovery.watches if discovery is not None else {}
     invalid_values = []
@@ -121,6 +122,7 @@ def snapshot(server: ProxyServer) -> Snapshot:
         client_connections=len(server.connections),
         backend_connections=backend_connections,
         limits_tripped=list(server.connection_errors.items()),
+        tls_handshake_failures=list(server.tls_failures.items()),
         draining=server.draining,
         started_at=server.started_at,
     )
@@ -311,6 +313,14 @@ def _connections(snap: Snapshot) -> Iterator[Metric]:
         "Client connections closed for abuse (a flood limit) or an HTTP/2 protocol error.",
         ["limit"],
         (((limit,), n) for limit, n in snap.limits_tripped),
+    )
+    yield _counter(
+        "grpc_proxy_tls_handshake_failures_total",
+        "Client connections to a TLS listener closed before HTTP/2 began, by kind: timeout, "
+        "not_tls, no_h2, no_client_certificate, bad_client_certificate, pending_limit, "
+        "tls_error, closed.",
+        ["kind"],
+        (((kind,), n) for kind, n in snap.tls_handshake_failures),
     )
 
 

@@ -26,12 +26,13 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import os
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -44,7 +45,7 @@ from proxy.lifecycle import EXIT_HARD, STOP_SIGNALS
 from proxy.workers_admin import WorkersAdmin
 
 if TYPE_CHECKING:
-    from proxy.config import HostPort, ServeConfig
+    from proxy.config import HostPort, ListenAddress, ServeConfig
     from proxy.relay.server import ProxyServer
 
 log = structlog.get_logger("proxy.supervisor")
@@ -143,10 +144,11 @@ class Worker:
 
 
 def worker_argv(
-    flags: dict[str, Any], index: int, listen: HostPort, admin_socket: str
+    flags: dict[str, Any], index: int, listen: Sequence[ListenAddress], admin_socket: str
 ) -> list[str]:
-    """The command line of worker `index`: the supervisor's own flags, with the listen port
-    resolved and the worker's own admin. `--flag=value`, so a value may start with '-'."""
+    """The command line of worker `index`: the supervisor's own flags, with the listen ports
+    resolved (and TLS or not spelled out) and the worker's own admin. `--flag=value`, so a
+    value may start with '-'."""
     argv = [sys.executable, "-m", "proxy", "serve"]
     for name, value in flags.items():
         if name in ("workers", "admin", "listen"):
@@ -158,9 +160,7 @@ def worker_argv(
             argv += [f"{flag}={item}" for item in value]
         else:
             argv.append(f"{flag}={value}")
-    host, port = listen
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    argv += ["--workers=1", "--admin=off", f"--listen={address}"]
+    argv += ["--workers=1", "--admin=off", *(f"--listen={address}" for address in listen)]
     argv += [f"--worker-index={index}", f"--admin-socket={admin_socket}"]
     return argv
 
@@ -190,7 +190,7 @@ class Supervisor:
         self.flags = flags
         self.workers: list[Worker] = []
         self.phase = Phase.RUNNING
-        self.listen: HostPort = cfg.listen
+        self.listen: tuple[ListenAddress, ...] = cfg.listen
         self.config_error = False
         self._stopping: asyncio.Event | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
@@ -200,17 +200,26 @@ class Supervisor:
         return self.phase is not Phase.RUNNING
 
     async def run(self) -> int:
-        host, port = self.cfg.listen
-        try:
-            reserved = reserve_port(host, port)
-        except OSError as exc:
-            print(
-                f"grpc-etcd-proxy: --listen {host}:{port}: cannot bind: {exc.strerror or exc}",
-                file=sys.stderr,
-            )
-            return 1
-        with reserved, tempfile.TemporaryDirectory(prefix="grpc-etcd-proxy-") as tmp:
-            self.listen = (host, reserved.getsockname()[1])
+        with contextlib.ExitStack() as reserved:
+            resolved = []
+            for address in self.cfg.listen:
+                try:
+                    sock = reserved.enter_context(reserve_port(address.host, address.port))
+                except OSError as exc:
+                    print(
+                        f"grpc-etcd-proxy: --listen {address}: cannot bind: {exc.strerror or exc}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                port = sock.getsockname()[1]
+                resolved.append(
+                    dataclasses.replace(address, port=port, tls=self.cfg.is_tls(address))
+                )
+            self.listen = tuple(resolved)
+            return await self._run_workers()
+
+    async def _run_workers(self) -> int:
+        with tempfile.TemporaryDirectory(prefix="grpc-etcd-proxy-") as tmp:
             self.workers = [
                 Worker(i, str(Path(tmp) / f"worker-{i}.sock")) for i in range(self.cfg.workers)
             ]
@@ -228,7 +237,7 @@ class Supervisor:
             log.info(
                 "supervising",
                 workers=len(self.workers),
-                listen=f"{self.listen[0]}:{self.listen[1]}",
+                listen=[str(address) for address in self.listen],
                 pid=os.getpid(),
             )
             await asyncio.gather(*(self._keep(w) for w in self.workers))

@@ -89,7 +89,7 @@ class ServerAdmin:
         for endpoint in pool.snapshot.endpoints:
             address = endpoint.address
             until = server.outliers.ejected_until(address)
-            ep = server.pool.endpoints.get(address)
+            conns = sum(len(ep.conns) for ep in server.pool.of_address(address))
             endpoints.append(
                 {
                     "address": address,
@@ -104,7 +104,7 @@ class ServerAdmin:
                     else None,
                     "times_ejected": server.outliers.times_ejected(address),
                     "health": health_of(server, address),
-                    "connections": len(ep.conns) if ep is not None else 0,
+                    "connections": conns,
                 }
             )
         return {

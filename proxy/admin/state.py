@@ -25,8 +25,7 @@ def endpoint_state(server: ProxyServer, address: str, now: float) -> str:
         return "ejected"
     if health_of(server, address) == "not_serving":
         return "unhealthy"
-    ep = server.pool.endpoints.get(address)
-    if ep is not None and not ep.usable(now):
+    if not server.pool.usable(address, now):
         return "backoff"
     return "healthy"
 

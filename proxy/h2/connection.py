@@ -36,7 +36,13 @@ from typing import Final
 from hpack import HPACKError, OversizedHeaderListError
 
 from proxy.h2 import frames as fr
-from proxy.h2.errors import ErrorCode, FloodError, H2ConnectionError, Http1RequestError
+from proxy.h2.errors import (
+    ErrorCode,
+    FloodError,
+    H2ConnectionError,
+    Http1RequestError,
+    TLSOnCleartextError,
+)
 from proxy.h2.events import (
     DataFlushed,
     DataReceived,
@@ -267,6 +273,8 @@ class Connection:
     def _check_preface(self, buf: bytes) -> bytes:
         n = min(len(buf), len(fr.PREFACE))
         if buf[:n] != fr.PREFACE[:n]:
+            if buf[:2] == b"\x16\x03":  # a TLS handshake record (TLS 1.x)
+                raise TLSOnCleartextError()
             for method in _HTTP1_METHODS:
                 if buf.startswith(method):
                     raise Http1RequestError()

@@ -47,6 +47,14 @@ class Http1RequestError(H2ConnectionError):
         super().__init__(ErrorCode.PROTOCOL_ERROR, "HTTP/1.x request on an HTTP/2 port")
 
 
+class TLSOnCleartextError(H2ConnectionError):
+    """A TLS ClientHello on a cleartext (h2c) port: the client wanted TLS. It gets no GOAWAY
+    (it could not read one), just a closed connection."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.PROTOCOL_ERROR, "TLS handshake on a cleartext h2c port")
+
+
 class FloodError(H2ConnectionError):
     """An abuse limit tripped: the connection ends with GOAWAY(ENHANCE_YOUR_CALM)."""
 

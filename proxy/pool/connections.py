@@ -6,6 +6,12 @@ takes no new streams and closes once its streams finish. A failed connect puts t
 exponential backoff (with jitter), which balancing avoids while other backends are usable.
 Connection-level failures (a failed connect, a handshake that timed out, a connection lost under
 calls) are also reported once each to `BackendPool.on_failure`, for outlier detection.
+
+With TLS towards a target's backends, connections are pooled per address and TLS settings
+(`UpstreamTLSFiles`), so two targets that reach one address with different certificates never
+share a connection; connect backoff stays per address. A TLS failure (an untrusted certificate,
+no ALPN h2) is a failed connect like any other: backoff, outlier counting, and the calls
+waiting for the connection try another backend or fail with UNAVAILABLE naming the reason.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import contextlib
 import random
 import socket
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -22,6 +29,7 @@ import structlog
 from proxy.h2.limits import Limits
 from proxy.relay.flusher import Flusher
 from proxy.relay.upstream import BackendConnection, State
+from proxy.tls import ALPN_H2, UpstreamTLS, UpstreamTLSFiles, handshake_reason
 from proxy.units import SECONDS
 
 if TYPE_CHECKING:
@@ -32,6 +40,12 @@ log = structlog.get_logger("proxy.pool")
 # Calls that may wait for one connection being set up; past that, another is opened. Once the
 # backend's SETTINGS arrive, those over its real limit move on to another connection.
 _ASSUMED_CAPACITY: Final = 100
+
+
+class _NoH2(Exception):
+    def __init__(self, alpn: str | None) -> None:
+        super().__init__(f"ALPN {alpn!r}")
+        self.alpn = alpn
 
 
 class Backoff:
@@ -49,17 +63,23 @@ class Backoff:
 
 
 class EndpointConnections:
-    def __init__(self, pool: BackendPool, address: str) -> None:
+    def __init__(self, pool: BackendPool, address: str, tls: UpstreamTLS | None = None) -> None:
         self.pool = pool
         self.address = address
+        # Swapped by the pool when a reload rebuilt the same settings' context: connections
+        # opened from now on use the new one.
+        self.tls = tls
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
         self.conns: list[BackendConnection] = []
         self.backlog: list[Call] = []
         self.failures = 0
-        self.retry_at = 0.0
         self.retired = False
+
+    @property
+    def retry_at(self) -> float:
+        return self.pool.retry_at.get(self.address, 0.0)
 
     def usable(self, now: float) -> bool:
         return now >= self.retry_at
@@ -94,19 +114,41 @@ class EndpointConnections:
 
     async def _run_connect(self, conn: BackendConnection) -> None:
         loop = asyncio.get_running_loop()
+        tls = self.tls
         try:
             async with asyncio.timeout(self.pool.connect_timeout_s):
-                transport, _ = await loop.create_connection(lambda: conn, self.host, self.port)
+                if tls is None:
+                    transport, _ = await loop.create_connection(lambda: conn, self.host, self.port)
+                else:
+                    transport, _ = await loop.create_connection(
+                        lambda: conn,
+                        self.host,
+                        self.port,
+                        ssl=tls.context,
+                        server_hostname=tls.files.server_name or self.host,
+                        ssl_handshake_timeout=self.pool.connect_timeout_s,
+                    )
+                    alpn = transport.get_extra_info("ssl_object").selected_alpn_protocol()
+                    if alpn != ALPN_H2:
+                        transport.abort()
+                        raise _NoH2(alpn)
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, _NoH2) as exc:
             timed_out = isinstance(exc, TimeoutError)
-            reason = "connect timed out" if timed_out else f"connect failed: {exc.strerror or exc}"
+            if timed_out:
+                reason = "connect timed out"
+            elif isinstance(exc, _NoH2):
+                reason = f"TLS: the backend did not negotiate ALPN h2 (got {exc.alpn!r})"
+            elif isinstance(exc, ssl.SSLError):
+                reason = f"TLS handshake failed: {handshake_reason(exc)}"
+            else:
+                reason = f"connect failed: {exc.strerror or exc}"
             self.failures += 1
             delay = self.pool.backoff.delay(self.failures)
-            self.retry_at = loop.time() + delay
+            self.pool.retry_at[self.address] = loop.time() + delay
             self.pool.backing_off.add(self.address)
             log.warning(
                 "backend_connect_failed",
@@ -121,7 +163,7 @@ class EndpointConnections:
             conn.connect_failed(reason, "connect_timeout" if timed_out else "connect_failed")
             return
         self.failures = 0
-        self.retry_at = 0.0
+        self.pool.retry_at.pop(self.address, None)
         self.pool.backing_off.discard(self.address)
 
     def stream_finished(self, conn: BackendConnection) -> None:
@@ -177,21 +219,29 @@ class BackendPool:
         self.max_connections_per_backend = max_connections_per_backend
         self.backoff = backoff or Backoff()
         self.on_failure = on_failure
-        self.endpoints: dict[str, EndpointConnections] = {}
+        # Keyed by address (cleartext) or (address, TLS settings).
+        self.endpoints: dict[str | tuple[str, UpstreamTLSFiles], EndpointConnections] = {}
+        # When each address that failed to connect may be tried again (loop time).
+        self.retry_at: dict[str, float] = {}
         # Addresses whose last connect failed (their backoff may be over): while there are
         # none, balancing need not ask about backoff at all.
         self.backing_off: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def get(self, address: str) -> EndpointConnections:
-        ep = self.endpoints.get(address)
+    def get(self, address: str, tls: UpstreamTLS | None = None) -> EndpointConnections:
+        key: str | tuple[str, UpstreamTLSFiles] = address if tls is None else (address, tls.files)
+        ep = self.endpoints.get(key)
         if ep is None:
-            ep = self.endpoints[address] = EndpointConnections(self, address)
+            ep = self.endpoints[key] = EndpointConnections(self, address, tls)
+        elif ep.tls is not tls:
+            ep.tls = tls  # the same settings, reloaded: new connections take the new context
         return ep
 
+    def of_address(self, address: str) -> list[EndpointConnections]:
+        return [ep for ep in self.endpoints.values() if ep.address == address]
+
     def usable(self, address: str, now: float) -> bool:
-        ep = self.endpoints.get(address)
-        return ep is None or ep.usable(now)
+        return now >= self.retry_at.get(address, 0.0)
 
     def backend_failed(self, address: str) -> None:
         if self.on_failure is not None:
@@ -205,15 +255,18 @@ class BackendPool:
 
     def retain(self, addresses: frozenset[str]) -> None:
         """Backends no longer in any pool: finish their streams, then close their connections."""
-        for address, ep in list(self.endpoints.items()):
+        for key, ep in list(self.endpoints.items()):
+            address = ep.address
             if address in addresses:
                 ep.retired = False
                 continue
             ep.retired = True
             ep.close_idle()
             if not ep.conns:
-                del self.endpoints[address]
-                self.backing_off.discard(address)
+                del self.endpoints[key]
+                if not self.of_address(address):
+                    self.backing_off.discard(address)
+                    self.retry_at.pop(address, None)
 
     async def close(self) -> None:
         for task in list(self._tasks):

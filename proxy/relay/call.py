@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from proxy.h2.connection import Connection
     from proxy.pool.endpoints import Endpoint, TargetPool
     from proxy.relay.upstream import BackendConnection
+    from proxy.tls import Identity
 
 # Statuses as plain ints: an IntEnum member costs a metaclass lookup each time it is named,
 # and these are on the path of every call.
@@ -72,6 +73,7 @@ class ClientSide(Protocol):
 
     h2: Connection
     peer: str
+    identity: Identity | None  # what a verified client certificate names
 
     def mark(self) -> None: ...
 

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from proxy.h2.connection import Connection, Role
-from proxy.h2.errors import ErrorCode, FloodError, H2ConnectionError, Http1RequestError
+from proxy.h2.errors import (
+    ErrorCode,
+    FloodError,
+    H2ConnectionError,
+    Http1RequestError,
+    TLSOnCleartextError,
+)
 from proxy.h2.events import (
     DataFlushed,
     DataReceived,
@@ -38,6 +44,7 @@ from proxy.relay.protocol import H2Protocol
 
 if TYPE_CHECKING:
     from proxy.relay.server import ProxyServer
+    from proxy.tls import Identity
 
 log = structlog.get_logger("proxy.downstream")
 
@@ -76,6 +83,8 @@ class Downstream(H2Protocol):
         self.server = server
         self.calls: dict[int, Call] = {}
         self.peer = "?"
+        # What the client's verified certificate names (a TLS listener that requires one).
+        self.identity: Identity | None = None
         self._linger: asyncio.TimerHandle | None = None
         self.draining = False  # the one drain check on the hot path
         self.drain = Drain.NONE
@@ -84,7 +93,10 @@ class Downstream(H2Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        else:  # a Unix socket's peer has no address ('' from the kernel)
+            self.peer = "unix" if peer is not None else "?"
         self.h2 = Connection(Role.SERVER, self.server.limits)
         self.server.connections.add(self)
         self.mark()
@@ -98,6 +110,17 @@ class Downstream(H2Protocol):
             events = self.h2.receive_data(data)
         except Http1RequestError:
             self._abort(HTTP1_RESPONSE)
+            return
+        except TLSOnCleartextError as exc:
+            log.warning(
+                "client_protocol_error",
+                peer=self.peer,
+                code="TLS_ON_CLEARTEXT_PORT",
+                reason=exc.message,
+                limit=None,
+            )
+            self.server.connection_errors["TLS_ON_CLEARTEXT_PORT"] += 1
+            self._abort(b"")
             return
         except H2ConnectionError as exc:
             limit = exc.limit if isinstance(exc, FloodError) else None

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import ssl
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -41,7 +43,9 @@ from proxy.relay.stats import (
     CallStats,
     split_path,
 )
+from proxy.relay.tls_accept import TLSListener
 from proxy.routing import Router, service_of
+from proxy.tls import UpstreamTLS
 from proxy.units import SECONDS
 
 if TYPE_CHECKING:
@@ -73,6 +77,8 @@ class ServerOptions:
     outlier_max_ejection_s: float = 300 * SECONDS
     outlier_max_ejection_percent: float = 10.0
     access_log_sample: float = 1.0  # share of calls logged on "proxy.access"; 0: off
+    tls_handshake_timeout_s: float = 5 * SECONDS
+    tls_max_pending_handshakes: int = 1024
 
 
 class ProxyServer:
@@ -116,6 +122,15 @@ class ProxyServer:
         # Calls in flight per backend address: what least-request and bounded load weigh.
         self.inflight: dict[str, int] = {}
         self.connection_errors: Counter[str] = Counter()
+        # Failed TLS handshakes on the listeners, by kind (see proxy.relay.tls_accept).
+        self.tls_failures: Counter[str] = Counter()
+        self._tls_listeners: list[TLSListener] = []
+        self._unix_paths: list[str] = []
+        # TLS towards backends: per target name, else the default (None: cleartext).
+        self.upstream_tls: UpstreamTLS | None = None
+        self.target_tls: dict[str, UpstreamTLS | None] = {}
+        # Services that only some client identities may call (empty: no such rule).
+        self.allowed: dict[str, frozenset[str]] = {}
         self.stats = CallStats()
         # Set by whoever runs discovery, so the admin endpoint can report the watches.
         self.discovery: EtcdDiscovery | None = None
@@ -152,6 +167,10 @@ class ProxyServer:
         path = call.path
         target = self.router.route(path)
         call.target = target
+        if self.allowed:
+            denied = self._denied(call, path)
+            if denied is not None:
+                return denied
         if target is None:
             service = service_of(path) or path.decode("latin-1")
             return Refusal(Status.UNIMPLEMENTED, f"no route for service {service!r}")
@@ -174,13 +193,29 @@ class ProxyServer:
             return Refusal(Status.UNAVAILABLE, call.no_backend_message())
         return picked
 
+    def _denied(self, call: Call, path: bytes) -> Refusal | None:
+        """PERMISSION_DENIED when the call's service allows only some identities and the
+        client's certificate names none of them (or the client has no certificate)."""
+        service = service_of(path)
+        allowed = self.allowed.get(service)
+        if allowed is None:
+            return None
+        identity = call.client.identity
+        if identity is not None and not allowed.isdisjoint(identity.names()):
+            return None
+        who = (
+            f"client {identity.primary!r}"
+            if identity is not None
+            else "a client without a verified certificate"
+        )
+        return Refusal(Status.PERMISSION_DENIED, f"{who} may not call {service}", final=True)
+
     def _usable(self, address: str) -> bool:
         """Not in connect backoff, not ejected, not failing its health checks. When no
         backend of a pool passes, the balancer still picks one of them as a probe, so a
         pool of sick backends gets tried rather than failing every call."""
         now = self._pick_time
-        ep = self.pool.endpoints.get(address)
-        if ep is not None and now < ep.retry_at:
+        if now < self.pool.retry_at.get(address, 0.0):
             return False
         outliers = self.outliers
         if outliers.ejected and not outliers.usable(address, now):
@@ -277,6 +312,7 @@ class ProxyServer:
             request_bytes=call.request_bytes,
             response_bytes=call.response_bytes,
             peer=call.client.peer,
+            **({} if call.client.identity is None else {"client": call.client.identity.primary}),
         )
 
     def attach(self, endpoint: Endpoint, call: Call) -> None:
@@ -286,7 +322,12 @@ class ProxyServer:
         call.holding = True
         if call.attempts == 1:  # counted once, on the backend first picked
             call.stats_row = self.stats.call_started(call.path, address)
-        self.pool.get(address).attach(call)
+        tls = self.upstream_tls
+        if self.target_tls:
+            target = call.target
+            if target is not None:
+                tls = self.target_tls.get(target.target, tls)
+        self.pool.get(address, tls).attach(call)
 
     def release(self, call: Call) -> None:
         if call.holding and call.endpoint is not None:
@@ -340,11 +381,31 @@ class ProxyServer:
         key = exc.limit if isinstance(exc, FloodError) else exc.code.name
         self.connection_errors[key] += 1
 
-    async def listen(self, host: str, port: int, reuse_port: bool = False) -> list[tuple[str, int]]:
+    async def listen(
+        self,
+        host: str,
+        port: int,
+        reuse_port: bool = False,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> list[tuple[str, int]]:
         """`reuse_port`: SO_REUSEPORT, so that several worker processes share the port and
-        the kernel spreads new connections over them."""
+        the kernel spreads new connections over them. `tls`: the listener speaks TLS with
+        this context (see proxy.relay.tls_accept)."""
+        factory: Callable[[], asyncio.Protocol] = lambda: Downstream(self)  # noqa: E731
+        if tls is not None:
+            options = self.options
+            listener = TLSListener(
+                tls,
+                lambda: Downstream(self),
+                self.tls_failures,
+                options.tls_handshake_timeout_s,
+                options.tls_max_pending_handshakes,
+            )
+            self._tls_listeners.append(listener)
+            factory = listener.protocol
         server = await self.loop.create_server(
-            lambda: Downstream(self),
+            factory,
             host,
             port,
             reuse_address=True,
@@ -357,8 +418,34 @@ class ProxyServer:
             with_nodelay(sock)
             addr = sock.getsockname()
             bound.append((addr[0], addr[1]))
-        log.info("listening", addresses=[f"{h}:{p}" for h, p in bound])
+        log.info("listening", addresses=[f"{h}:{p}" for h, p in bound], tls=tls is not None)
         return bound
+
+    async def listen_unix(self, path: str) -> str:
+        """A Unix socket listener (cleartext h2c: the file's permissions guard it). A socket
+        file left by an earlier run is replaced; any other file there is an error."""
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.exists(path) and not _is_socket(path):
+                raise FileExistsError(f"{path} exists and is not a socket")
+            os.unlink(path)
+        server = await self.loop.create_unix_server(lambda: Downstream(self), path, backlog=1024)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+        log.info("listening", addresses=[f"unix:{path}"], tls=False)
+        return path
+
+    def set_listener_tls(self, context: ssl.SSLContext) -> None:
+        """New handshakes on every TLS listener use this context (SIGHUP); open connections
+        keep theirs."""
+        for listener in self._tls_listeners:
+            listener.context = context
+
+    def set_upstream_tls(
+        self, default: UpstreamTLS | None, per_target: dict[str, UpstreamTLS | None]
+    ) -> None:
+        """New backend connections use these (SIGHUP); open ones keep theirs."""
+        self.upstream_tls = default
+        self.target_tls = per_target
 
     async def drain(self, timeout_s: float) -> None:
         """Graceful shutdown: refuse new connections, GOAWAY in two steps on every client
@@ -379,6 +466,7 @@ class ProxyServer:
         # GOAWAY; connections in the accept queue are reset too.
         for listener in self._servers:
             listener.close()
+        self._close_listeners()
         conns = list(self.connections)
         log.info(
             "draining",
@@ -408,13 +496,28 @@ class ProxyServer:
             await asyncio.sleep(DRAIN_POLL_S)
         log.info("drained", connections_left=len(self.connections))
 
+    def _close_listeners(self) -> None:
+        for tls_listener in self._tls_listeners:
+            tls_listener.close()  # handshakes in progress: those clients are not served yet
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
     async def close(self) -> None:
         for server in self._servers:
             server.close()
+        self._close_listeners()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
         await self.pool.close()
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.stat(path).st_mode)
 
 
 def with_nodelay(sock: socket.socket) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from proxy import config
 from proxy.cli import check_serve
-from proxy.config import ConfigError, ServeConfig
+from proxy.config import ConfigError, ListenAddress, ServeConfig
 
 
 def parse_flags(*argv: str) -> dict[str, Any]:
@@ -55,7 +55,7 @@ admin = "off"
 def test_defaults_without_any_source() -> None:
     cfg = load()
     assert cfg == ServeConfig()
-    assert cfg.listen == ("127.0.0.1", 50051)
+    assert cfg.listen == (ListenAddress("127.0.0.1", 50051),)
     assert cfg.admin == ("127.0.0.1", 9901)
     assert cfg.max_retries == 2
     assert cfg.drain_timeout == 30.0
@@ -65,7 +65,7 @@ def test_defaults_without_any_source() -> None:
 
 def test_file_beats_defaults(tmp_path: Path) -> None:
     cfg = load("--config", write(tmp_path, FILE))
-    assert cfg.listen == ("127.0.0.1", 7001)
+    assert cfg.listen == (ListenAddress("127.0.0.1", 7001),)
     assert cfg.backend == ("127.0.0.1:1001", "127.0.0.1:1002")
     assert cfg.policy == "random"
     assert cfg.drain_timeout == 11.0
@@ -96,7 +96,7 @@ def test_env_beats_file_and_flags_beat_env(tmp_path: Path) -> None:
     assert cfg.max_retries == 5
     assert cfg.admin == ("127.0.0.1", 9999)
     # the file still gives what the environment does not
-    assert cfg.listen == ("127.0.0.1", 7001)
+    assert cfg.listen == (ListenAddress("127.0.0.1", 7001),)
     assert cfg.access_log_sample == 0.5
     assert config.describe(cfg, "policy") == "GRPC_ETCD_PROXY_POLICY"
 
@@ -120,7 +120,7 @@ def test_env_beats_file_and_flags_beat_env(tmp_path: Path) -> None:
     assert cfg.health_check is True
     assert cfg.max_retries == 0
     assert cfg.admin is None
-    assert cfg.listen == ("127.0.0.1", 7001)
+    assert cfg.listen == (ListenAddress("127.0.0.1", 7001),)
     assert config.describe(cfg, "policy") == "--policy"
 
 
@@ -133,7 +133,7 @@ def test_config_flag_beats_config_env(tmp_path: Path) -> None:
     other.write_text('policy = "least_request"\n')
     cfg = load("--config", str(other), env={"GRPC_ETCD_PROXY_CONFIG": write(tmp_path, FILE)})
     assert cfg.policy == "least_request"
-    assert cfg.listen == ("127.0.0.1", 50051)
+    assert cfg.listen == (ListenAddress("127.0.0.1", 50051),)
 
 
 @pytest.mark.parametrize(
@@ -177,7 +177,10 @@ def test_every_setting_has_a_flag_a_variable_and_a_key() -> None:
     config.add_serve_flags(parser)
     flags = {a for action in parser._actions for a in action.option_strings}
     for setting in config.SETTINGS:
-        assert setting.flag in flags
+        # A table of tables ([targets.NAME]) has no spelling as one flag or one variable.
+        assert (setting.flag in flags) is setting.in_flags, setting.name
+        assert setting.in_flags or setting.kind == "targets", setting.name
+        assert setting.in_file or setting.in_flags, setting.name
         assert setting.env == "GRPC_ETCD_PROXY_" + setting.name.upper()
 
 
@@ -199,7 +202,7 @@ def test_every_setting_has_a_flag_a_variable_and_a_key() -> None:
         ('route = "x"', "route: expected a table"),
         ('route = ["echo.Echo"]', "route: expected SERVICE=TARGET, got 'echo.Echo'"),
         ('admin = "nowhere"', "admin: expected HOST:PORT or 'off', got 'nowhere'"),
-        ('listen = "127.0.0.1:70000"', "listen: expected HOST:PORT, got '127.0.0.1:70000'"),
+        ('listen = "127.0.0.1:70000"', "listen: expected HOST:PORT, tls:HOST:PORT, h2c:HOST:PORT or unix:PATH, got '127.0.0.1:70000'"),
         ("access_log_sample = 2", "access_log_sample: expected a number from 0 to 1, got '2'"),
         ("retry_budget_percent = 101", "retry_budget_percent: expected a percentage"),
         ("workers = 0", "workers: expected a positive integer, got '0'"),

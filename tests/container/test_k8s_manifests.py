@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from dockerfile_model import REPO_ROOT, read_dockerfile
 
-from proxy.config import ServeConfig, add_serve_flags, flag_values, load
+from proxy.config import ListenAddress, ServeConfig, add_serve_flags, flag_values, load
 
 yaml = pytest.importorskip("yaml", reason="needs PyYAML (the dev extra: pip install -e '.[dev]')")
 
@@ -80,7 +80,7 @@ def test_the_proxy_settings_are_valid_and_point_at_etcd() -> None:
     config = effective_config()
     assert config.etcd == "http://etcd:2379"
     assert config.target
-    assert config.listen == ("0.0.0.0", named_ports()["grpc"])
+    assert config.listen == (ListenAddress("0.0.0.0", named_ports()["grpc"]),)
     assert config.admin == ("0.0.0.0", named_ports()["admin"])
 
 

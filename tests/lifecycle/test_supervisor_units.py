@@ -31,6 +31,8 @@ SUPERVISOR_ARGV = [
     "least_request",
     "--drain-timeout",
     "7.5",
+    "--tls-cert=/etc/proxy/cert.pem",  # only read when serving: need not exist here
+    "--tls-key=/etc/proxy/key.pem",
 ]
 
 
@@ -42,16 +44,17 @@ def load(argv: list[str]) -> tuple[config.ServeConfig, argparse.Namespace]:
 def test_worker_argv_gives_the_worker_the_same_settings_but_its_own_place() -> None:
     cfg, args = load(SUPERVISOR_ARGV)
     flags = config.flag_values(args)
-    argv = worker_argv(flags, 1, ("0.0.0.0", 40123), "/tmp/x/worker-1.sock")
+    listen = (
+        config.ListenAddress("0.0.0.0", 40123, tls=False),
+        config.ListenAddress("127.0.0.1", 40124, tls=True),
+    )
+    argv = worker_argv(flags, 1, listen, "/tmp/x/worker-1.sock")
     assert argv[1:4] == ["-m", "proxy", "serve"]
     worker_cfg, worker_args = load(argv[3:])
     assert worker_role(worker_args) == WorkerRole(1, "/tmp/x/worker-1.sock")
-    assert (worker_cfg.workers, worker_cfg.admin, worker_cfg.listen) == (
-        1,
-        None,
-        ("0.0.0.0", 40123),
-    )
-    same = {"workers": 1, "admin": None, "listen": ("0.0.0.0", 40123)}
+    assert (worker_cfg.workers, worker_cfg.admin, worker_cfg.listen) == (1, None, listen)
+    assert "--listen=h2c:0.0.0.0:40123" in argv and "--listen=tls:127.0.0.1:40124" in argv
+    same = {"workers": 1, "admin": None, "listen": listen}
     assert dataclasses.replace(cfg, **same) == worker_cfg
     assert worker_cfg.health_check_service == "-odd-name"
     assert worker_cfg.backend == ("127.0.0.1:7001", "127.0.0.1:7002")
