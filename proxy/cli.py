@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from proxy.discovery.watcher import EtcdDiscovery
     from proxy.relay.server import ProxyServer, ServerOptions
     from proxy.supervisor import WorkerRole
-    from proxy.tls import UpstreamTLS
+    from proxy.tls import UpstreamTLS, UpstreamTLSFiles
 
 log = structlog.get_logger("proxy.cli")
 
@@ -255,6 +255,14 @@ def check_serve(cfg: ServeConfig) -> None:
         raise ConfigError(f"serve: {name('etcd')} needs --target NAME or --route SERVICE=TARGET")
     if (cfg.target or cfg.route) and not cfg.etcd:
         raise ConfigError(f"serve: {name('target' if cfg.target else 'route')} needs --etcd URL")
+    if cfg.health_check and (
+        cfg.backend_tls_skip_verify or any(t.skip_verify for _, t in cfg.targets)
+    ):
+        raise ConfigError(
+            f"serve: {name('health_check')} cannot skip certificate verification (grpcio, "
+            f"which runs the checks, has no such option): drop {name('backend_tls_skip_verify')}"
+            " or the health checks"
+        )
     problem = _etcd_problem(cfg, cfg.etcd, name)
     if problem:
         raise ConfigError(f"serve: {problem}")
@@ -313,6 +321,12 @@ class TLSContexts:
     upstream: UpstreamTLS | None
     per_target: dict[str, UpstreamTLS | None]
 
+    @property
+    def any(self) -> bool:
+        return (
+            self.listener is not None or self.upstream is not None or any(self.per_target.values())
+        )
+
 
 def tls_contexts(cfg: ServeConfig) -> TLSContexts:
     """Reads every certificate, key and CA file the config names; raises ConfigError naming
@@ -354,6 +368,10 @@ def tls_contexts(cfg: ServeConfig) -> TLSContexts:
         path = f"{exc.path}: " if exc.path else ""
         raise ConfigError(f"serve: {where}: {path}{exc.reason}") from None
     return TLSContexts(listener, default, per_target)
+
+
+def _files(tls: UpstreamTLS | None) -> UpstreamTLSFiles | None:
+    return None if tls is None else tls.files
 
 
 def allowed_of(cfg: ServeConfig) -> dict[str, frozenset[str]]:
@@ -484,7 +502,7 @@ class Reloader:
             if new.access_log_sample != self.current.access_log_sample:
                 self.server.set_access_log_sample(new.access_log_sample)
             self.current = new
-            log.info("config.reloaded", changed=applied)
+            log.info("config.reloaded", changed=applied, tls_files_reread=contexts.any)
             return True
 
     def _read(self) -> ServeConfig | None:
@@ -557,6 +575,7 @@ async def serve(cfg: ServeConfig, flags: dict[str, Any], role: WorkerRole | None
                 interval_s=cfg.health_check_interval,
                 timeout_s=cfg.health_check_timeout,
                 service=cfg.health_check_service,
+                tls_of=lambda target: _files(server.target_tls.get(target, server.upstream_tls)),
             )
             server.health = health
             health.start()

@@ -35,6 +35,11 @@ process total is what counts; see loadtest/health_checks_bench.py), and needs no
 thread pool: deadlines, cancellation and closing a channel are the loop's own.
 
 Each worker process (``--workers``) checks every backend on its own.
+
+Backends reached with TLS (``backend_tls``, per target) are checked over TLS with the same CA,
+client certificate and server name (``tls_of`` maps a target to its settings); grpcio has no
+way to skip verification, so ``backend_tls_skip_verify`` and health checks do not go together
+(the CLI refuses the pair).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proxy.pool.endpoints import TargetPool
+from proxy.tls import UpstreamTLSFiles
 
 log = structlog.get_logger("proxy.health")
 
@@ -68,10 +74,11 @@ class PoolSource(Protocol):
 
 
 class _Backend:
-    __slots__ = ("address", "reason", "status", "task")
+    __slots__ = ("address", "reason", "status", "task", "tls")
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: UpstreamTLSFiles | None = None) -> None:
         self.address = address
+        self.tls = tls
         self.status: Status = "unknown"
         self.reason = ""
         self.task: asyncio.Task[None] | None = None
@@ -86,6 +93,7 @@ class ActiveHealth:
         interval_s: float = 5.0,
         timeout_s: float = 1.0,
         service: str = "",
+        tls_of: Callable[[str], UpstreamTLSFiles | None] | None = None,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError("health check interval and timeout must be > 0")
@@ -93,6 +101,8 @@ class ActiveHealth:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.service = service
+        # Target name -> its backends' TLS settings (None: cleartext); re-read every rescan.
+        self._tls_of = tls_of
         self.rescan_s = min(interval_s, 1.0)
         # Checks by (address, result); an address's counts go when it leaves the pools, so
         # churn does not grow this (or the metric series read from it) without bound.
@@ -152,13 +162,20 @@ class ActiveHealth:
 
     def rescan(self) -> None:
         """Start checking addresses that joined a pool, stop checking those that left."""
-        live: set[str] = set()
+        live: dict[str, UpstreamTLSFiles | None] = {}
+        tls_of = self._tls_of
         for pool in self._pools():
-            live |= pool.snapshot.addresses
-        for address in live - self._backends.keys():
-            self._add(address)
-        for address in self._backends.keys() - live:
+            tls = tls_of(pool.target) if tls_of is not None else None
+            for address in pool.snapshot.addresses:
+                live.setdefault(address, tls)
+        for address in live.keys() - self._backends.keys():
+            self._add(address, live[address])
+        for address in self._backends.keys() - live.keys():
             self._remove(address)
+        for address, tls in live.items():
+            if self._backends[address].tls != tls:  # a reload changed its TLS settings
+                self._remove(address)
+                self._add(address, tls)
         for backend in list(self._backends.values()):
             task = backend.task
             if task is not None and task.done():
@@ -167,7 +184,7 @@ class ActiveHealth:
                 error = None if task.cancelled() else task.exception()
                 log.error("health_check_task_died", backend=backend.address, error=repr(error))
                 self._remove(backend.address)
-                self._add(backend.address)
+                self._add(backend.address, backend.tls)
 
     async def _scan(self) -> None:
         while True:
@@ -177,8 +194,8 @@ class ActiveHealth:
                 log.exception("health_rescan_failed")
             await asyncio.sleep(self.rescan_s)
 
-    def _add(self, address: str) -> None:
-        backend = _Backend(address)
+    def _add(self, address: str, tls: UpstreamTLSFiles | None = None) -> None:
+        backend = _Backend(address, tls)
         self._backends[address] = backend
         task = asyncio.get_running_loop().create_task(
             self._run(backend), name=f"health-check {address}"
@@ -197,8 +214,31 @@ class ActiveHealth:
 
     # ------------------------------------------------------------------ checking
 
+    def _channel(self, backend: _Backend) -> grpc.aio.Channel:
+        tls = backend.tls
+        if tls is None:
+            return grpc.aio.insecure_channel(backend.address, options=self._channel_options)
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as file:
+                return file.read()
+
+        credentials = grpc.ssl_channel_credentials(read(tls.ca), read(tls.key), read(tls.cert))
+        options: list[tuple[str, int | str]] = list(self._channel_options)
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        return grpc.aio.secure_channel(backend.address, credentials, options=options)
+
     async def _run(self, backend: _Backend) -> None:
-        channel = grpc.aio.insecure_channel(backend.address, options=self._channel_options)
+        while True:
+            try:
+                channel = self._channel(backend)
+                break
+            except OSError as exc:  # a TLS file gone since start: say so, try again later
+                self._record(backend, "error", f"cannot read a TLS file: {exc}")
+                await asyncio.sleep(self.interval_s)
         try:
             stub = health_pb2_grpc.HealthStub(channel)
             await asyncio.sleep(random.uniform(0, self.rescan_s))
