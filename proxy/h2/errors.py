@@ -48,8 +48,9 @@ class Http1RequestError(H2ConnectionError):
 
 
 class TLSOnCleartextError(H2ConnectionError):
-    """A TLS ClientHello on a cleartext (h2c) port: the client wanted TLS. It gets no GOAWAY
-    (it could not read one), just a closed connection."""
+    """A TLS ClientHello on a cleartext (h2c) port: the client wanted TLS. It ends like any
+    bad preface (GOAWAY(PROTOCOL_ERROR), which the client will not understand, then close);
+    the own class lets the log and the counters say what happened."""
 
     def __init__(self) -> None:
         super().__init__(ErrorCode.PROTOCOL_ERROR, "TLS handshake on a cleartext h2c port")

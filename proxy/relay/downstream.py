@@ -23,13 +23,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from proxy.h2.connection import Connection, Role
-from proxy.h2.errors import (
-    ErrorCode,
-    FloodError,
-    H2ConnectionError,
-    Http1RequestError,
-    TLSOnCleartextError,
-)
+from proxy.h2.errors import ErrorCode, FloodError, H2ConnectionError, Http1RequestError
 from proxy.h2.events import (
     DataFlushed,
     DataReceived,
@@ -110,17 +104,6 @@ class Downstream(H2Protocol):
             events = self.h2.receive_data(data)
         except Http1RequestError:
             self._abort(HTTP1_RESPONSE)
-            return
-        except TLSOnCleartextError as exc:
-            log.warning(
-                "client_protocol_error",
-                peer=self.peer,
-                code="TLS_ON_CLEARTEXT_PORT",
-                reason=exc.message,
-                limit=None,
-            )
-            self.server.connection_errors["TLS_ON_CLEARTEXT_PORT"] += 1
-            self._abort(b"")
             return
         except H2ConnectionError as exc:
             limit = exc.limit if isinstance(exc, FloodError) else None

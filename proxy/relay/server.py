@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from proxy.balancing import Balancer, NoPick, NoPickKind
-from proxy.h2.errors import FloodError, H2ConnectionError
+from proxy.h2.errors import FloodError, H2ConnectionError, TLSOnCleartextError
 from proxy.h2.limits import Limits
 from proxy.health.outlier import OutlierDetector
 from proxy.pool.connections import BackendPool
@@ -378,7 +378,12 @@ class ProxyServer:
         self.outliers.retain(live)
 
     def count_connection_error(self, exc: H2ConnectionError) -> None:
-        key = exc.limit if isinstance(exc, FloodError) else exc.code.name
+        if isinstance(exc, FloodError):
+            key = exc.limit
+        elif isinstance(exc, TLSOnCleartextError):
+            key = "TLS_ON_CLEARTEXT_PORT"
+        else:
+            key = exc.code.name
         self.connection_errors[key] += 1
 
     async def listen(
