@@ -1,22 +1,51 @@
-"""Helpers for the config tests: client traffic that records every call, etcd registration.
+"""Helpers for the config tests: loading settings, client traffic that records every call,
+etcd registration.
 
 Import as ``from config_support import ...`` (this folder is on ``sys.path`` under pytest).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from backends import echo_stub, open_channel
 from proxy_process import wait_for
 
+from proxy import config
+from proxy.cli import check_serve
+from proxy.config import ConfigError, ServeConfig
 from proxy.echo import echo_pb2
 
 CALL_TIMEOUT_S = 10.0
+
+
+def parse_flags(*argv: str) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    config.add_serve_flags(parser)
+    return config.flag_values(parser.parse_args(list(argv)))
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "proxy.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def load(*argv: str, env: dict[str, str] | None = None, serve: bool = False) -> ServeConfig:
+    return config.load(parse_flags(*argv), env or {}, check=check_serve if serve else None)
+
+
+def error_of(*argv: str, env: dict[str, str] | None = None, serve: bool = False) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(*argv, env=env, serve=serve)
+    return str(caught.value)
 
 
 def wait_serving(target: str) -> None:

@@ -7,36 +7,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import pytest
+from config_support import error_of, load, write
 
 from proxy import config
-from proxy.cli import check_serve
-from proxy.config import ConfigError, ListenAddress, ServeConfig
-
-
-def parse_flags(*argv: str) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(exit_on_error=False)
-    config.add_serve_flags(parser)
-    return config.flag_values(parser.parse_args(list(argv)))
-
-
-def write(tmp_path: Path, text: str) -> str:
-    path = tmp_path / "proxy.toml"
-    path.write_text(text)
-    return str(path)
-
-
-def load(*argv: str, env: dict[str, str] | None = None, serve: bool = False) -> ServeConfig:
-    return config.load(parse_flags(*argv), env or {}, check=check_serve if serve else None)
-
-
-def error_of(*argv: str, env: dict[str, str] | None = None, serve: bool = False) -> str:
-    with pytest.raises(ConfigError) as caught:
-        load(*argv, env=env, serve=serve)
-    return str(caught.value)
-
+from proxy.config import ListenAddress, ServeConfig
 
 # ---------------------------------------------------------------------------- precedence
 
@@ -202,7 +178,11 @@ def test_every_setting_has_a_flag_a_variable_and_a_key() -> None:
         ('route = "x"', "route: expected a table"),
         ('route = ["echo.Echo"]', "route: expected SERVICE=TARGET, got 'echo.Echo'"),
         ('admin = "nowhere"', "admin: expected HOST:PORT or 'off', got 'nowhere'"),
-        ('listen = "127.0.0.1:70000"', "listen: expected HOST:PORT, tls:HOST:PORT, h2c:HOST:PORT or unix:PATH, got '127.0.0.1:70000'"),
+        (
+            'listen = "127.0.0.1:70000"',
+            "listen: expected HOST:PORT, tls:HOST:PORT, h2c:HOST:PORT or unix:PATH, "
+            "got '127.0.0.1:70000'",
+        ),
         ("access_log_sample = 2", "access_log_sample: expected a number from 0 to 1, got '2'"),
         ("retry_budget_percent = 101", "retry_budget_percent: expected a percentage"),
         ("workers = 0", "workers: expected a positive integer, got '0'"),
