@@ -1,20 +1,38 @@
-"""Shared fixtures: echo backends. Helpers live in ``tests/backends.py``."""
+"""Shared fixtures: echo backends and test CAs. Helpers live in ``tests/backends.py`` and
+``tests/tls_support.py``."""
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from backends import (
     EchoBackendsFactory,
     EchoSubprocessFactory,
+    TLSEchoBackendsFactory,
     start_echo_backends,
     start_echo_subprocess,
+    start_tls_echo_backends,
     stop_subprocess,
 )
+from tls_support import CertFiles, TestCA
 
 from proxy.echo.server import EchoServer
+
+
+@pytest.fixture
+def tls_ca(tmp_path: Path) -> TestCA:
+    """A fresh root CA in ``tmp_path/tls-ca``; issue with ``tls_ca.issue_server(name)`` and
+    ``tls_ca.issue_client(name, uris=...)``. Per test, so tests may overwrite its files."""
+    return TestCA.create(tmp_path / "tls-ca", "test-ca")
+
+
+@pytest.fixture
+def other_ca(tmp_path: Path) -> TestCA:
+    """A second root CA that nothing trusts: its certificates must be refused."""
+    return TestCA.create(tmp_path / "other-ca", "other-ca")
 
 
 @pytest.fixture
@@ -38,19 +56,46 @@ def echo_backends() -> Iterator[EchoBackendsFactory]:
 
 
 @pytest.fixture
-def echo_subprocess() -> Iterator[EchoSubprocessFactory]:
-    """Factory: ``echo_subprocess(name=None, host=..., port=0)`` -> (Popen, port).
+def tls_echo_backends() -> Iterator[TLSEchoBackendsFactory]:
+    """Factory: ``tls_echo_backends(n, certs, client_ca=None)`` starts n in-process TLS echo
+    backends named tls0..tls(n-1) (numbering continues across calls), stopped at teardown.
 
-    See ``backends.start_echo_subprocess``; use it when a test must kill -9 the backend.
+    See ``backends.start_tls_echo_backends``; ``client_ca`` makes them require client
+    certificates and report the caller in ``x-peer-*`` metadata.
+    """
+    started: list[EchoServer] = []
+
+    def start(count: int, certs: CertFiles, client_ca: Path | None = None) -> list[EchoServer]:
+        servers = start_tls_echo_backends(count, certs, client_ca, first=len(started))
+        started.extend(servers)
+        return servers
+
+    yield start
+    for server in started:
+        server.stop(None).wait()
+
+
+@pytest.fixture
+def echo_subprocess() -> Iterator[EchoSubprocessFactory]:
+    """Factory: ``echo_subprocess(name=None, host=..., port=0, *, certs=None, client_ca=None)``
+    -> (Popen, port).
+
+    See ``backends.start_echo_subprocess``; use it when a test must kill -9 the backend, or
+    needs a TLS backend in its own process (``certs``: a ``CertFiles`` to serve).
 
     Processes still running at teardown are terminated.
     """
     procs: list[subprocess.Popen[str]] = []
 
     def start(
-        name: str | None = None, host: str = "127.0.0.1", port: int = 0
+        name: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        certs: CertFiles | None = None,
+        client_ca: Path | None = None,
     ) -> tuple[subprocess.Popen[str], int]:
-        proc, port = start_echo_subprocess(name, host, port)
+        proc, port = start_echo_subprocess(name, host, port, certs=certs, client_ca=client_ca)
         procs.append(proc)
         return proc, port
 

@@ -22,6 +22,12 @@ Every call gets initial metadata ``x-backend: <name>`` and every response carrie
 ClientStreamingEcho answers with the concatenated messages, an empty payload and the
 total number of payload bytes received in trailer ``x-echo-payload-bytes``.
 
+Served over TLS (``serve(..., tls_cert=, tls_key=)``, ``--tls-cert``/``--tls-key``), and with
+a client CA (``tls_client_ca``, ``--tls-client-ca``) requiring a client certificate, the
+initial metadata also names the verified client: ``x-peer-cn`` (subject CN) and one
+``x-peer-uri`` / ``x-peer-dns`` per URI / DNS SAN, so tests see which identity called
+(the proxy's own certificate, when it relays to a TLS backend).
+
 The server also serves ``grpc.health.v1.Health`` (SERVING for ``""`` and ``echo.Echo``);
 :meth:`EchoServer.set_health` flips it, and so do SIGUSR1 (NOT_SERVING) and SIGUSR2 (SERVING)
 sent to ``python -m proxy.echo.server``.
@@ -35,11 +41,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent import futures
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -66,6 +74,7 @@ SERVER_OPTIONS = [
 ]
 
 Metadata = list[tuple[str, str | bytes]]
+StrPath = str | os.PathLike[str]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -96,6 +105,33 @@ def status_details(code: int, message: str, backend: str) -> bytes:
     return code_field + _len_field(2, message.encode()) + _len_field(3, any_msg)
 
 
+def _peer_metadata(context: grpc.ServicerContext) -> Metadata:
+    """``x-peer-*`` for the verified client certificate of a TLS call (none without one).
+
+    grpcio's auth context has the subject CN, but its SAN list does not say which SAN is a
+    URI and which a DNS name; the PEM certificate it also carries does, so read that.
+    """
+    auth = context.auth_context()
+    out: Metadata = [("x-peer-cn", cn.decode()) for cn in auth.get("x509_common_name", ())]
+    for pem in auth.get("x509_pem_cert", ())[:1]:
+        # Imported here: only TLS backends need it, and cryptography is a dev dependency
+        # (the echo backend only runs under tests and load tests).
+        from cryptography import x509
+
+        try:
+            sans = x509.load_pem_x509_certificate(pem).extensions.get_extension_for_class(
+                x509.SubjectAlternativeName
+            )
+        except x509.ExtensionNotFound:
+            break
+        names = sans.value
+        out += [
+            ("x-peer-uri", u) for u in names.get_values_for_type(x509.UniformResourceIdentifier)
+        ]
+        out += [("x-peer-dns", d) for d in names.get_values_for_type(x509.DNSName)]
+    return out
+
+
 class _Call:
     """Per-call state: parsed metadata plus the hooks that detect cancellation."""
 
@@ -114,7 +150,8 @@ class _Call:
         servicer._call_started()
         if not context.add_callback(self._on_done):
             self._on_done()  # already terminated (cancelled before we got here)
-        context.send_initial_metadata([("x-backend", servicer.name), *self.echoed])
+        peer = _peer_metadata(context) if servicer.tls else []
+        context.send_initial_metadata([("x-backend", servicer.name), *peer, *self.echoed])
         context.set_trailing_metadata(self.echoed)
 
     def int_header(self, key: str, default: int) -> int:
@@ -166,8 +203,10 @@ class _Call:
 class EchoServicer(echo_pb2_grpc.EchoServicer):  # type: ignore[misc]  # generated base is untyped
     """Implements ``echo.Echo``; thread-safe, one instance per server."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tls: bool = False) -> None:
         self.name = name
+        # Only a TLS server has peer certificates to report; the cleartext path stays as it was.
+        self.tls = tls
         self._cond = threading.Condition()
         self._calls = 0
         self._cancelled = 0
@@ -355,23 +394,55 @@ class MethodSymbolPool:
             return file
 
 
+def tls_server_credentials(
+    cert: StrPath, key: StrPath, client_ca: StrPath | None = None
+) -> grpc.ServerCredentials:
+    """Server credentials from PEM files; ``client_ca`` requires a client certificate it signed.
+
+    ``cert`` may hold a chain (leaf first). The files are read once: grpcio keeps the bytes.
+    """
+    return grpc.ssl_server_credentials(
+        [(Path(key).read_bytes(), Path(cert).read_bytes())],
+        root_certificates=Path(client_ca).read_bytes() if client_ca is not None else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
 def serve(
-    port: int, host: str = "127.0.0.1", name: str | None = None, max_workers: int = 64
+    port: int,
+    host: str = "127.0.0.1",
+    name: str | None = None,
+    max_workers: int = 64,
+    *,
+    tls_cert: StrPath | None = None,
+    tls_key: StrPath | None = None,
+    tls_client_ca: StrPath | None = None,
 ) -> tuple[EchoServer, int]:
     """Start an echo backend on ``host:port`` (0 picks a free port) and return it with its port.
 
     ``name`` defaults to ``host:port``. Each in-flight call holds one of ``max_workers``
     threads (streams included), so raise it for load tests with many open streams.
-    Stop it with ``server.stop(grace)``.
+    ``tls_cert`` and ``tls_key`` (PEM files, together) serve TLS instead of cleartext h2c;
+    ``tls_client_ca`` then requires client certificates signed by it (mutual TLS) and
+    reports the caller's identity in ``x-peer-*`` metadata. Stop it with ``server.stop(grace)``.
     """
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together")
+    if tls_client_ca is not None and tls_cert is None:
+        raise ValueError("tls_client_ca needs tls_cert and tls_key")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="echo"),
         options=SERVER_OPTIONS,
     )
-    bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    address = f"{_bracket(host)}:{port}"
+    if tls_cert is not None and tls_key is not None:
+        credentials = tls_server_credentials(tls_cert, tls_key, tls_client_ca)
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
     if not bound:
         raise OSError(f"echo backend could not bind {host}:{port}")
-    servicer = EchoServicer(name or f"{_bracket(host)}:{bound}")
+    servicer = EchoServicer(name or f"{_bracket(host)}:{bound}", tls=tls_cert is not None)
     echo_pb2_grpc.add_EchoServicer_to_server(servicer, server)
 
     health_servicer = health.HealthServicer()
@@ -389,13 +460,23 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m proxy.echo.server --port N [--host H] [--name NAME] [--workers W]``."""
+    """``python -m proxy.echo.server --port N [--host H] [--name NAME] [--workers W]
+    [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]``."""
     parser = argparse.ArgumentParser(description="Echo gRPC backend for proxy tests")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default=None, help="backend name (default host:port)")
     parser.add_argument("--workers", type=int, default=64, help="max concurrent calls")
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM certificate")
+    parser.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
+    )
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     # stderr carries the "cancelled ..." lines that subprocess tests look for.
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
 
@@ -407,7 +488,15 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    server, port = serve(args.port, args.host, args.name, args.workers)
+    server, port = serve(
+        args.port,
+        args.host,
+        args.name,
+        args.workers,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+    )
 
     def on_health_signal(signum: int, frame: FrameType | None) -> None:
         serving = signum == signal.SIGUSR2
