@@ -77,12 +77,17 @@ def wait_for_port(
 
 
 def listen_address(args: list[str]) -> str | None:
-    """The value of ``--listen`` in ``args`` (``--listen X`` or ``--listen=X``), if any."""
+    """The first TCP ``--listen`` in ``args`` (``--listen X`` or ``--listen=X``), if any;
+    a ``tls:``/``h2c:`` scheme is dropped, Unix sockets are passed over."""
     for i, arg in enumerate(args):
+        value = None
         if arg == "--listen" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--listen="):
-            return arg.split("=", 1)[1]
+            value = args[i + 1]
+        elif arg.startswith("--listen="):
+            value = arg.split("=", 1)[1]
+        if value is None or value.startswith("unix:"):
+            continue
+        return value.removeprefix("tls:").removeprefix("h2c:")
     return None
 
 

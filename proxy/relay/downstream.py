@@ -35,6 +35,7 @@ from proxy.h2.events import (
 from proxy.relay.call import Call
 from proxy.relay.grpc_status import Status
 from proxy.relay.protocol import H2Protocol
+from proxy.tls import ALPN_H2, identity_of
 
 if TYPE_CHECKING:
     from proxy.relay.server import ProxyServer
@@ -91,6 +92,22 @@ class Downstream(H2Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         else:  # a Unix socket's peer has no address ('' from the kernel)
             self.peer = "unix" if peer is not None else "?"
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # a TLS listener, the handshake done (tls_accept.py)
+            if ssl_object.selected_alpn_protocol() != ALPN_H2:
+                # RFC 9113 3.2: h2 over TLS is chosen by ALPN. Python's ssl cannot send the
+                # no_application_protocol alert, so the client gets close_notify at once.
+                self.server.tls_failures["no_h2"] += 1
+                log.warning(
+                    "tls_handshake_failed",
+                    peer=self.peer,
+                    kind="no_h2",
+                    reason="the client did not select ALPN h2",
+                )
+                self.closed = True
+                transport.close()
+                return
+            self.identity = identity_of(ssl_object.getpeercert())
         self.h2 = Connection(Role.SERVER, self.server.limits)
         self.server.connections.add(self)
         self.mark()
@@ -258,6 +275,8 @@ class Downstream(H2Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not hasattr(self, "h2"):  # closed in connection_made (no ALPN h2): never served
+            return
         if self._linger is not None:
             self._linger.cancel()
         if self._drain_timer is not None:

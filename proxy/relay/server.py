@@ -397,20 +397,10 @@ class ProxyServer:
         """`reuse_port`: SO_REUSEPORT, so that several worker processes share the port and
         the kernel spreads new connections over them. `tls`: the listener speaks TLS with
         this context (see proxy.relay.tls_accept)."""
-        factory: Callable[[], asyncio.Protocol] = lambda: Downstream(self)  # noqa: E731
         if tls is not None:
-            options = self.options
-            listener = TLSListener(
-                tls,
-                lambda: Downstream(self),
-                self.tls_failures,
-                options.tls_handshake_timeout_s,
-                options.tls_max_pending_handshakes,
-            )
-            self._tls_listeners.append(listener)
-            factory = listener.protocol
+            return self._listen_tls(host, port, reuse_port, tls)
         server = await self.loop.create_server(
-            factory,
+            lambda: Downstream(self),
             host,
             port,
             reuse_address=True,
@@ -423,7 +413,48 @@ class ProxyServer:
             with_nodelay(sock)
             addr = sock.getsockname()
             bound.append((addr[0], addr[1]))
-        log.info("listening", addresses=[f"{h}:{p}" for h, p in bound], tls=tls is not None)
+        log.info("listening", addresses=[f"{h}:{p}" for h, p in bound], tls=False)
+        return bound
+
+    def _listen_tls(
+        self, host: str, port: int, reuse_port: bool, context: ssl.SSLContext
+    ) -> list[tuple[str, int]]:
+        """Bind the way create_server does (every address the host resolves to), then let a
+        TLSListener accept (see proxy.relay.tls_accept for why it accepts on its own)."""
+        options = self.options
+        listener = TLSListener(
+            context,
+            lambda: Downstream(self),
+            self.tls_failures,
+            options.tls_handshake_timeout_s,
+            options.tls_max_pending_handshakes,
+        )
+        bound = []
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            addr = (addr[0], port, *addr[2:])  # port 0 resolved by the first bind
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(1024)
+            except OSError:
+                sock.close()
+                listener.close()
+                raise
+            listener.start(sock)
+            if port == 0:  # the other addresses take the same port, as create_server does
+                port = sock.getsockname()[1]
+            name = sock.getsockname()
+            bound.append((name[0], name[1]))
+        self._tls_listeners.append(listener)
+        log.info("listening", addresses=[f"{h}:{p}" for h, p in bound], tls=True)
         return bound
 
     async def listen_unix(self, path: str) -> str:
