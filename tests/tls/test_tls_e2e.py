@@ -12,11 +12,13 @@ import queue
 import signal
 import socket
 import ssl
+import subprocess
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -68,14 +70,12 @@ def _server_serial(port: int, ca: Path) -> int:
 
 
 def _wait_event(
-    proc: object, event: str, count: int = 1, **fields: object
-) -> list[dict[str, object]]:
-    def matching() -> list[dict[str, object]]:
-        return [
-            e
-            for e in log_events(proc, event)
-            if all(e.get(k) == v for k, v in fields.items())
-        ]
+    proc: subprocess.Popen[bytes], event: str, count: int = 1, **fields: object
+) -> list[dict[str, Any]]:
+    """Wait until the proxy logged `count` lines of `event` with these fields; return them."""
+
+    def matching() -> list[dict[str, Any]]:
+        return [e for e in log_events(proc, event) if all(e.get(k) == v for k, v in fields.items())]
 
     wait_for(lambda: len(matching()) >= count, f"{count} {event} log line(s) with {fields}")
     return matching()
