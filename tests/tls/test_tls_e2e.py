@@ -443,3 +443,31 @@ def test_unix_socket_listener_serves_grpcio(plain_backend: EchoServer) -> None:
         if os.path.exists(path):
             os.unlink(path)
         os.rmdir(folder)
+
+
+def test_workers_serve_tls_and_each_rereads_the_certificate_on_sighup(
+    tls_ca: TestCA, server_certs: CertFiles, plain_backend: EchoServer
+) -> None:
+    port, admin = free_port(), free_port()
+    args = [*_tls_args(server_certs, port), "--backend", plain_backend.address]
+    args += ["--workers", "2", "--admin", f"127.0.0.1:{admin}"]
+    with start_proxy(args) as (proc, _):
+        wait_for(lambda: _admin_ready(admin), "both workers ready", timeout_s=30)
+        for _ in range(4):  # new connections, spread over both workers by the kernel
+            with open_tls_channel(f"localhost:{port}", tls_ca.ca_pem) as channel:
+                assert _call(channel)[0].message == "hi"
+        renewed = tls_ca.issue_server("proxy")
+        proc.send_signal(signal.SIGHUP)
+        # The supervisor's log holds its workers' lines too (they share its stderr).
+        _wait_event(proc, "config.reloaded", 2, tls_files_reread=True)
+        # Each new connection lands on either worker: all of them see the new certificate.
+        serials = {_server_serial(port, tls_ca.ca_pem) for _ in range(8)}
+        assert serials == {renewed.serial}
+
+
+def _admin_ready(admin: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as page:
+            return bool(page.status == 200)
+    except OSError:
+        return False
