@@ -5,7 +5,9 @@
 #   make tools   -> .ci/install-tools.sh (apt packages + Go tools into .tools/bin)
 #   make protos  -> protos/generate.sh with the venv's python
 #   make lint    -> ruff check, ruff format --check, mypy on proxy/
-#   make test    -> venv + tools + lint + pytest
+#   make docs    -> the documentation site into site/ (mkdocs build --strict)
+#   make docs-serve -> the same site on http://127.0.0.1:8000, rebuilt on every change
+#   make test    -> venv + tools + lint + docs + pytest
 #   make run     -> the demo
 #   make bench   -> the load-test benchmark
 
@@ -23,7 +25,7 @@ PYTEST_ARGS ?=
 # Every command run below sees the project's tools first.
 export PATH := $(TOOLS_BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv tools protos lint test run bench clean-venv clean-tools
+.PHONY: venv tools protos lint docs docs-serve test run bench clean-venv clean-tools
 
 venv: $(VENV_STAMP)
 
@@ -48,9 +50,20 @@ lint: venv
 	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
 	$(VENV)/bin/mypy proxy/
 
-# Prerequisites are listed in order; lint itself depends on venv so that `make -j`
-# cannot lint before the venv exists.
-test: venv tools lint
+# --strict turns every warning into a failure: a broken link or anchor, a page left out of the
+# nav. NO_MKDOCS_2_WARNING silences mkdocs-material's banner about its end of life, printed on
+# every build (see docs/development.md).
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+
+docs: venv
+	$(MKDOCS) build --strict
+
+docs-serve: venv
+	$(MKDOCS) serve --dev-addr 127.0.0.1:8000
+
+# Prerequisites are listed in order; lint and docs depend on venv so that `make -j`
+# cannot run them before the venv exists.
+test: venv tools lint docs
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 run: venv

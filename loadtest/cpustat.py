@@ -96,6 +96,8 @@ class CpuWindow:
     target_share: float | None = None
     load_core_busy: float | None = None
     other_share: float | None = None
+    target_seconds: float | None = None  # the target's CPU seconds in the window
+    wall_s: float | None = None
     _start: dict[str, float] = field(default_factory=dict)
     _core: tuple[int, int] | None = None
 
@@ -117,8 +119,10 @@ class CpuWindow:
         wall = end["wall"] - self._start["wall"]
         if wall <= 0:
             return
+        self.wall_s = wall
         if self.target_pids:
-            self.target_share = (end["target"] - self._start["target"]) / wall
+            self.target_seconds = end["target"] - self._start["target"]
+            self.target_share = self.target_seconds / wall
         busy = (end["machine"] - self._start["machine"]) / wall
         if not math.isnan(busy):
             self.other_share = max(0.0, busy - (end["ours"] - self._start["ours"]) / wall)

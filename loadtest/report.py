@@ -38,6 +38,10 @@ class Scenario:
     # h2load's --log-file gives percentiles but costs a write(2) per call on the load core,
     # about 18 % of the throughput of a saturated run: only latency scenarios use it.
     request_log: bool = False
+    tls: bool = False  # the target listens with TLS and speaks TLS to TLS backends
+    # One call per new connection, h2load run after h2load run ("clients" at a time).
+    new_connections: bool = False
+    h2c_twin: str | None = None  # the h2c scenario that this TLS one repeats (TLS cost)
 
 
 @dataclass
@@ -131,7 +135,7 @@ def _per_cpu(row: Row) -> str:
 
 def _status(row: Row) -> str:
     if row.status == OK:
-        if row.other_cpu is not None and row.other_cpu >= DISTURBED:
+        if _disturbed(row):
             return f"ok, disturbed: other processes used {_share(row.other_cpu)} of a core"
         return OK
     if row.status == ERRORS:
@@ -190,7 +194,101 @@ LEGEND = """\
   "disturbed": processes outside the benchmark used that much CPU during the run.
 - **calls/CPU-s**: calls/s ÷ target CPU, what the target would do with its core fully busy;
   the fair comparison where the load side, not the target, was the limit.
-- Latencies: h2load rows from h2load's per-request log; ghz rows from ghz's report."""
+- Latencies: h2load rows from h2load's per-request log; ghz rows from ghz's report. The TLS
+  handshake rows have none: each h2load run opens all its connections at once, so a
+  connection's time mostly measures its place in that queue.
+- **TLS**: TLS 1.3, TLS_AES_128_GCM_SHA256, X25519, P-256 ECDSA certificates, on both legs.
+  **TLS ÷ h2c**: a TLS scenario's figure ÷ the same target's in its h2c twin, in this run."""
+
+
+@dataclass(frozen=True)
+class TLSCost:
+    """One target's TLS scenario beside its h2c twin from the same run: TLS ÷ h2c."""
+
+    tls: Row
+    h2c: Row
+
+    @property
+    def calls_ratio(self) -> float | None:
+        mine, theirs = self.tls.measurement, self.h2c.measurement
+        if mine is None or theirs is None or not theirs.calls_per_s:
+            return None
+        return mine.calls_per_s / theirs.calls_per_s
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        mine, theirs = self.tls.calls_per_cpu_s, self.h2c.calls_per_cpu_s
+        return None if mine is None or not theirs else mine / theirs
+
+
+def tls_costs(rows: Sequence[Row]) -> list[TLSCost]:
+    """Each TLS row whose h2c twin ran for the same target in this run, both cleanly."""
+    clean = {(r.scenario.key, r.target): r for r in rows if r.status == OK}
+    pairs = []
+    for row in rows:
+        twin = row.scenario.h2c_twin
+        h2c = clean.get((twin, row.target)) if twin else None
+        if row.status == OK and h2c is not None:
+            pairs.append(TLSCost(row, h2c))
+    return pairs
+
+
+TLS_COST_HEADER = [
+    "scenario",
+    "target",
+    "h2c calls/s",
+    "TLS calls/s",
+    "TLS ÷ h2c",
+    "h2c calls/CPU-s",
+    "TLS calls/CPU-s",
+    "TLS ÷ h2c per CPU-s",
+    "status",
+]
+
+
+def _disturbed(row: Row) -> bool:
+    return row.other_cpu is not None and row.other_cpu >= DISTURBED
+
+
+def _ratio_cell(value: float | None) -> str:
+    return NONE if value is None else f"{value:.2f}{TIMES}"
+
+
+def _rate_cell(value: float | None) -> str:
+    return NONE if value is None else f"{value:,.0f}"
+
+
+def _tls_cost_cells(cost: TLSCost) -> list[str]:
+    tls, h2c = cost.tls.measurement, cost.h2c.measurement
+    assert tls is not None and h2c is not None  # tls_costs pairs clean rows only
+    return [
+        cost.tls.scenario.title,
+        TARGET_LABELS.get(cost.tls.target, cost.tls.target),
+        _rate_cell(h2c.calls_per_s),
+        _rate_cell(tls.calls_per_s),
+        _ratio_cell(cost.calls_ratio),
+        _rate_cell(cost.h2c.calls_per_cpu_s),
+        _rate_cell(cost.tls.calls_per_cpu_s),
+        _ratio_cell(cost.cpu_ratio),
+        _cost_status(cost),
+    ]
+
+
+def _cost_status(cost: TLSCost) -> str:
+    """ "ok", or which of the two rows was disturbed (see _status): such a ratio can be off."""
+    disturbed = [name for name, row in (("h2c", cost.h2c), ("TLS", cost.tls)) if _disturbed(row)]
+    if not disturbed:
+        return OK
+    return f"disturbed: the {' and '.join(disturbed)} row{'s' if len(disturbed) > 1 else ''}"
+
+
+def _tls_cost_section(rows: Sequence[Row]) -> list[str]:
+    costs = tls_costs(rows)
+    if not costs:
+        return []
+    lines = ["", "## TLS cost: each TLS scenario ÷ its h2c twin, same target, same run", ""]
+    lines += ["| " + " | ".join(TLS_COST_HEADER) + " |", "|" + " --- |" * len(TLS_COST_HEADER)]
+    return lines + ["| " + " | ".join(_tls_cost_cells(c)) + " |" for c in costs]
 
 
 def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
@@ -198,6 +296,7 @@ def markdown(rows: Sequence[Row], meta: dict[str, Any]) -> str:
     lines += [f"- {key}: {value}" for key, value in meta.items() if not isinstance(value, dict)]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    lines += _tls_cost_section(rows)
     return "\n".join([*lines, "", LEGEND, ""])
 
 
@@ -227,6 +326,21 @@ def write(out_dir: Path, rows: Sequence[Row], meta: dict[str, Any]) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, meta)
     (out_dir / "results.md").write_text(text)
-    payload = {"meta": meta, "results": [_row_json(row) for row in rows]}
+    tls_cost = [
+        {
+            "scenario": c.tls.scenario.key,
+            "h2c_scenario": c.h2c.scenario.key,
+            "target": c.tls.target,
+            "calls_ratio": c.calls_ratio,
+            "calls_per_cpu_s_ratio": c.cpu_ratio,
+            "status": _cost_status(c),
+        }
+        for c in tls_costs(rows)
+    ]
+    payload = {
+        "meta": meta,
+        "results": [_row_json(row) for row in rows],
+        "tls_over_h2c": tls_cost,
+    }
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     return text

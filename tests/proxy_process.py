@@ -10,9 +10,12 @@ Usage::
     with start_proxy(["serve", "--backend", f"127.0.0.1:{backend_port}"]) as (proc, port):
         ...  # the proxy accepts TCP connections on 127.0.0.1:port
 
-If ``args`` has no ``--listen``, a free port is picked and ``--listen 127.0.0.1:PORT`` is
-appended. A ``serve`` without ``--admin`` (flag or ``GRPC_ETCD_PROXY_ADMIN`` in ``env``) gets
-``--admin 127.0.0.1:0``, so that proxies of parallel tests do not fight over port 9901.
+If ``args`` has no TCP ``--listen``, a free port is picked and ``--listen 127.0.0.1:PORT`` is
+appended (after any ``unix:`` listener: the proxy opens its listeners in the order given, so
+once that port accepts, the Unix socket does too; :func:`short_socket_path` names one).
+:func:`tls_listen_args` makes the flags of a TLS listener. A ``serve`` without ``--admin``
+(flag or ``GRPC_ETCD_PROXY_ADMIN`` in ``env``) gets ``--admin 127.0.0.1:0``, so that proxies
+of parallel tests do not fight over port 9901.
 
 The proxy prints nothing guaranteed, so readiness means "its port accepts a TCP connection".
 Its stdout and stderr go to temporary files; they are printed (so pytest shows them) when the
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tls_support import CertFiles
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +93,37 @@ def listen_address(args: list[str]) -> str | None:
             continue
         return value.removeprefix("tls:").removeprefix("h2c:")
     return None
+
+
+def tls_listen_args(
+    certs: CertFiles, port: int | None = None, client_ca: Path | None = None
+) -> list[str]:
+    """``--listen tls:127.0.0.1:PORT --tls-cert .. --tls-key ..``: a TLS listener serving
+    ``certs``, on a free port unless ``port`` is given; ``client_ca`` adds
+    ``--tls-client-ca`` (mutual TLS)."""
+    port = free_port() if port is None else port
+    args = ["--listen", f"tls:127.0.0.1:{port}", "--tls-cert", str(certs.cert)]
+    args += ["--tls-key", str(certs.key)]
+    if client_ca is not None:
+        args += ["--tls-client-ca", str(client_ca)]
+    return args
+
+
+@contextlib.contextmanager
+def short_socket_path(name: str = "proxy.sock") -> Iterator[str]:
+    """A path for a Unix socket, in a new directory under /tmp that is removed afterwards.
+
+    ``sun_path`` holds 108 bytes, and pytest's ``tmp_path`` (or a long ``TMPDIR``) can be
+    longer than that. Stop whatever listens on it before the ``with`` ends.
+    """
+    folder = tempfile.mkdtemp(prefix="gp-", dir="/tmp")
+    path = os.path.join(folder, name)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.rmdir(folder)
 
 
 def has_flag(args: list[str], flag: str) -> bool:

@@ -1,14 +1,18 @@
 """HTTP/2 conformance of the proxy's downstream side, checked by h2spec --strict.
 
-    h2spec --strict  ->  proxy (python -m proxy serve)  ->  tests/conformance/h2_backend.py
+    h2spec --strict [-t -k]  ->  proxy (python -m proxy serve)  ->  conformance/h2_backend.py
 
-Every h2spec case must pass, except those in KNOWN_EXCEPTIONS (case id -> reason).  A case
-id is ``<section package>/<number>`` as h2spec numbers it, e.g. ``http2/6.9.2/1``; it can
-be rerun alone with ``h2spec --strict -p PORT http2/6.9.2/1``.  A known exception that
-passes again fails the test too, so that the list stays honest.
+It runs against an h2c listener, and with ``-t -k`` against a TLS listener (h2spec has no
+option for a CA file, so ``-k`` skips verifying the proxy's test certificate; it still
+negotiates h2 by ALPN).  Every h2spec case must pass on both, except those in
+KNOWN_EXCEPTIONS (case id -> reason, for both listeners).  A case id is ``<section
+package>/<number>`` as h2spec numbers it, e.g. ``http2/6.9.2/1``; it can be rerun alone with
+``h2spec --strict [-t -k] -p PORT http2/6.9.2/1``.  A known exception that passes again
+fails the test too, so that the list stays honest.
 
 Harness self-check: ``H2SPEC_TARGET=backend`` points h2spec straight at the h2 backend,
-without the proxy (146/146 cases pass that way with h2 4.x and h2spec 2.x).
+without the proxy (146/146 cases pass that way with h2 4.x and h2spec 2.x); the backend
+serves h2c only, so the TLS run skips then.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 
 import pytest
 from h2_backend import running_backend
-from proxy_process import start_proxy
+from proxy_process import start_proxy, tls_listen_args
+from tls_support import TestCA
 from tools import require_tool, tool_env
 
 # case id -> why the proxy is allowed to fail it.  Starts empty: add only with a reason.
@@ -31,6 +36,8 @@ KNOWN_EXCEPTIONS: dict[str, str] = {}
 H2SPEC_CASE_TIMEOUT_S = 5
 # h2spec runs ~146 cases; in the worst case each one waits out its timeout.
 H2SPEC_RUN_TIMEOUT_S = 900
+# h2spec flags that make it speak TLS, per listener kind.
+LISTENERS: dict[str, tuple[str, ...]] = {"h2c": (), "tls": ("-t", "-k")}
 # Fewer cases than this means h2spec did not really run (it has 146 with --strict).
 MIN_CASES = 140
 
@@ -71,10 +78,11 @@ def parse_junit(path: Path) -> list[CaseResult]:
     return results
 
 
-def run_h2spec(h2spec: str, port: int, report: Path) -> tuple[list[CaseResult], str]:
+def run_h2spec(h2spec: str, port: int, report: Path, *flags: str) -> tuple[list[CaseResult], str]:
     command = [
         h2spec,
         "--strict",
+        *flags,
         "-h",
         "127.0.0.1",
         "-p",
@@ -130,16 +138,23 @@ def check_results(results: list[CaseResult], output: str) -> None:
 
 @pytest.mark.needs_tool("h2spec")
 @pytest.mark.timeout(H2SPEC_RUN_TIMEOUT_S + 120)
-def test_h2spec_strict(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_h2spec_strict(listener: str, tmp_path: Path, tls_ca: TestCA) -> None:
     h2spec = require_tool("h2spec")
     report = tmp_path / "h2spec-junit.xml"
+    flags = LISTENERS[listener]
     with running_backend() as backend_port:
         if os.environ.get("H2SPEC_TARGET") == "backend":
+            if listener != "h2c":
+                pytest.skip("H2SPEC_TARGET=backend: the h2 backend serves h2c only")
             check_results(*run_h2spec(h2spec, backend_port, report))
-        else:
-            with start_proxy(["serve", "--backend", f"127.0.0.1:{backend_port}"]) as (_, port):
-                # Checked inside the `with`, so that a failure also shows the proxy's output.
-                check_results(*run_h2spec(h2spec, port, report))
+            return
+        args = ["serve", "--backend", f"127.0.0.1:{backend_port}"]
+        if listener == "tls":
+            args += tls_listen_args(tls_ca.issue_server("proxy"))
+        with start_proxy(args) as (_, port):
+            # Checked inside the `with`, so that a failure also shows the proxy's output.
+            check_results(*run_h2spec(h2spec, port, report, *flags))
 
 
 def test_parse_junit_escapes_control_bytes(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # loadtest/ is not an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
+from loadtest import certs as bench_certs  # noqa: E402
 from loadtest import tools as bench_tools  # noqa: E402
 
 RUN_TIMEOUT_S = 240.0  # a hung command is stopped (and the test fails) after this
@@ -233,6 +234,105 @@ def test_bench_compares_direct_haproxy_and_the_proxy_in_every_scenario(tmp_path:
     assert f"written: {out / 'results.md'}" in done.stderr
 
 
+TLS_SCENARIOS = (
+    "TLS small unary 16 B, c=8 m=16",
+    "TLS 1 MiB unary, c=4 m=2",
+    "TLS new connection per call, 100 at a time",
+)
+TLS_COST_HEADER = (
+    "| scenario | target | h2c calls/s | TLS calls/s | TLS \u00f7 h2c | h2c calls/CPU-s "
+    "| TLS calls/CPU-s | TLS \u00f7 h2c per CPU-s | status |"
+)
+TLS_META = (
+    "- TLS: TLSv1.3 TLS_AES_128_GCM_SHA256 on both legs: h2load offers only that suite and "
+    "the X25519 group;"
+)
+
+
+def run_tls_bench(out: Path, only: str) -> tuple[str, list[list[str]]]:
+    """The TLS scenarios and the h2c small one (for the TLS cost) at their shortest, through
+    ``only``; the command's stdout and its table's rows, every one measured cleanly."""
+    args = ["--only", only, "--scenarios", "small,tls", "--duration", "0.2", "--warmup", "0.1"]
+    done = run("bench", *args, "--out", out)
+    text = succeeded(done)
+    rows = table(text, BENCH_HEADER)
+    for row in rows:
+        status = column([row], BENCH_HEADER, "status")[0]
+        assert status == "ok" or status.startswith("ok, disturbed: "), row
+    assert any(line.startswith(TLS_META) for line in text.splitlines()), text
+    # goecho logged what the handshakes with it negotiated; each target's h2load checked its own.
+    assert re.search(
+        r"^- backend TLS handshakes, as goecho saw them: TLS 1\.3 TLS_AES_128_GCM_SHA256 "
+        r"alpn=h2 resumed=false(; |$)",
+        text,
+        re.M,
+    ), text
+    return text, rows
+
+
+@pytest.mark.needs_tool("h2load", "haproxy", "go")
+def test_bench_tls_scenarios_direct_and_haproxy(tmp_path: Path) -> None:
+    need("h2load", "haproxy", "go")
+    out = tmp_path / "out"
+    text, rows = run_tls_bench(out, "direct,haproxy")
+
+    scenarios = ("small unary 16 B, c=8 m=16", *TLS_SCENARIOS)
+    targets = ("direct (1 backend)", "HAProxy")
+    assert [(r[0], r[1]) for r in rows] == [(s, t) for t in targets for s in scenarios]
+    for row in rows:
+        assert TIMES_RATIO.fullmatch(column([row], BENCH_HEADER, "vs HAProxy")[0]), row
+    # The handshake rows have calls/CPU-s but no latency (see the legend).
+    handshakes = [r for r in rows if r[0] == TLS_SCENARIOS[2]]
+    assert [column([r], BENCH_HEADER, "mean")[0] for r in handshakes] == ["\u2013"] * 2
+    for per_cpu in column(handshakes, BENCH_HEADER, "calls/CPU-s (vs HAProxy)"):
+        assert re.fullmatch(r"[\d,]+ \(\d+\.\d\d\u00d7\)", per_cpu), per_cpu
+
+    # TLS ÷ h2c of the small calls, for each target.
+    costs = table(text, TLS_COST_HEADER)
+    assert [(r[0], r[1]) for r in costs] == [(TLS_SCENARIOS[0], t) for t in targets]
+    for row in costs:
+        assert all(TIMES_RATIO.fullmatch(row[i]) for i in (4, 7)), row
+        assert row[8] == "ok" or row[8].startswith("disturbed: the "), row
+
+    payload = json.loads((out / "results.json").read_text())
+    assert {(c["scenario"], c["target"]) for c in payload["tls_over_h2c"]} == {
+        ("tls-small", "direct"),
+        ("tls-small", "haproxy"),
+    }
+    logs = {p.name for p in (out / "logs").iterdir()}
+    assert {"goecho-0.log", "goecho-tls-0.log", "haproxy.log", "haproxy-tls.log"} <= logs
+
+
+@pytest.mark.needs_tool("openssl")
+@pytest.mark.parametrize("use_cryptography", [True, False], ids=["cryptography", "openssl"])
+def test_bench_certificates_verify_strictly(tmp_path: Path, use_cryptography: bool) -> None:
+    """Both ways of making the TLS scenarios' certificates give a CA and two P-256 leaves for
+    localhost and 127.0.0.1 that a strict verifier accepts (this machine has both, so the
+    openssl fallback is checked here rather than by a run of the benchmark)."""
+    need("openssl")
+    made = bench_certs.make(tmp_path, use_cryptography=use_cryptography)
+    openssl = str(bench_tools.find("openssl"))
+
+    leaves = [made.listener_cert, made.backend_cert]
+    verify = [openssl, "verify", "-x509_strict", "-purpose", "sslserver", "-CAfile", made.ca]
+    done = subprocess.run([*verify, *leaves], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    for leaf in leaves:
+        text = subprocess.run(
+            [openssl, "x509", "-in", leaf, "-noout", "-text"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "NIST CURVE: P-256" in text and "ecdsa-with-SHA256" in text, text
+        assert "DNS:localhost, IP Address:127.0.0.1" in text, text
+    # HAProxy's crt: the listener's certificate and key in one file.
+    assert made.listener_pem.read_bytes() == (
+        made.listener_cert.read_bytes() + made.listener_key.read_bytes()
+    )
+    assert made.made_with == ("cryptography" if use_cryptography else "openssl")
+
+
 @pytest.mark.needs_tool("h2load", "haproxy", "go")
 def test_serial_rounds_prints_a_ratio_per_round_and_their_median(tmp_path: Path) -> None:
     need("h2load", "haproxy", "go")
@@ -408,6 +508,11 @@ def test_pick_bench_prints_a_row_per_policy_and_per_rebuild() -> None:
     ("args", "named"),
     [
         (["--only", "nginx"], "argument --only: choose from direct,haproxy,proxy"),
+        (
+            ["--scenarios", "small,quic"],
+            "argument --scenarios: choose from small,large,serial,ghz,tls-small,tls-large,"
+            "tls-handshake,h2c,tls",
+        ),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )
@@ -423,3 +528,21 @@ def test_bench_refuses_a_bad_flag_before_starting_anything(
     assert f"python -m loadtest.bench: error: {named}" in done.stderr
     assert "building loadtest/goecho" not in done.stderr
     assert not out.exists()
+
+
+# Last: the proxy's TLS rows, through its --listen tls: and --backend-tls flags.
+
+
+@pytest.mark.needs_tool("h2load", "go")
+def test_bench_tls_scenarios_through_the_proxy(tmp_path: Path) -> None:
+    need("h2load", "go")
+    out = tmp_path / "out"
+    text, rows = run_tls_bench(out, "proxy")
+
+    scenarios = ("small unary 16 B, c=8 m=16", *TLS_SCENARIOS)
+    assert [(r[0], r[1]) for r in rows] == [(s, "our proxy") for s in scenarios]
+    costs = table(text, TLS_COST_HEADER)
+    assert [(r[0], r[1]) for r in costs] == [(TLS_SCENARIOS[0], "our proxy")]
+    assert all(TIMES_RATIO.fullmatch(costs[0][i]) for i in (4, 7)), costs
+    assert re.search(r"^- proxy TLS command: .* --listen tls:\{listen\} ", text, re.M), text
+    assert {"proxy.log", "proxy-tls.log"} <= {p.name for p in (out / "logs").iterdir()}
