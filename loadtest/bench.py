@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,30 +104,20 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             latency_ratio=False,
             count_share=0.25,
         ),
-        Scenario(
-            key="tls-small",
-            title="TLS small unary 16 B, c=8 m=16",
-            tool="h2load",
-            payload_size=SMALL,
-            clients=8,
-            streams=16,
-            latency_ratio=False,
-            count_share=1.0,
+    ]
+    # The TLS twins of small and large: the same load, TLS on both legs.
+    by_key = {s.key: s for s in every}
+    every += [
+        replace(
+            by_key[twin],
+            key=f"tls-{twin}",
+            title=f"TLS {by_key[twin].title}",
             tls=True,
-            h2c_twin="small",
-        ),
-        Scenario(
-            key="tls-large",
-            title="TLS 1 MiB unary, c=4 m=2",
-            tool="h2load",
-            payload_size=LARGE,
-            clients=4,
-            streams=2,
-            latency_ratio=False,
-            count_share=0.01,
-            tls=True,
-            h2c_twin="large",
-        ),
+            h2c_twin=twin,
+        )
+        for twin in ("small", "large")
+    ]
+    every.append(
         Scenario(
             key="tls-handshake",
             title=f"TLS new connection per call, {HANDSHAKE_BATCH} at a time",
@@ -139,8 +129,8 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             count_share=0.02,
             tls=True,
             new_connections=True,
-        ),
-    ]
+        )
+    )
     return [s for s in every if s.key in args.scenarios]
 
 
