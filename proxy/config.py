@@ -896,29 +896,27 @@ def _from_toml(setting: Setting, raw: Any, source: str) -> Any:
         if not isinstance(raw, list):
             raise ConfigError(f"{source}: expected an array of strings, got {_toml_repr(raw)}")
         return tuple(_convert(setting, _toml_str(item, source), source) for item in raw)
-    if kind == "routes":
+    if kind in ("routes", "allow"):
+        # A table {service = value} or an array of "SERVICE=VALUE"; route_allow's table
+        # values may also be arrays (several identities for one service).
+        many = kind == "allow"
         if isinstance(raw, dict):
-            items = [f"{service}={_toml_str(target, source)}" for service, target in raw.items()]
+            items = [
+                f"{service}={_toml_str(value, source)}"
+                for service, values in raw.items()
+                for value in (values if many and isinstance(values, list) else [values])
+            ]
         elif isinstance(raw, list):
             items = [_toml_str(item, source) for item in raw]
         else:
-            raise ConfigError(
-                f'{source}: expected a table {{"pkg.Service" = "target"}} or an array of '
-                f'"SERVICE=TARGET", got {_toml_repr(raw)}'
+            table, pair = (
+                ('["identity", ...]', "SERVICE=IDENTITY")
+                if many
+                else ('"target"', "SERVICE=TARGET")
             )
-        return tuple(_convert(setting, item, source) for item in items)
-    if kind == "allow":
-        if isinstance(raw, dict):
-            items = []
-            for service, ids in raw.items():
-                for identity in ids if isinstance(ids, list) else [ids]:
-                    items.append(f"{service}={_toml_str(identity, source)}")
-        elif isinstance(raw, list):
-            items = [_toml_str(item, source) for item in raw]
-        else:
             raise ConfigError(
-                f'{source}: expected a table {{"pkg.Service" = ["identity", ...]}} or an array '
-                f'of "SERVICE=IDENTITY", got {_toml_repr(raw)}'
+                f'{source}: expected a table {{"pkg.Service" = {table}}} or an array of '
+                f'"{pair}", got {_toml_repr(raw)}'
             )
         return tuple(_convert(setting, item, source) for item in items)
     if kind == "targets":
