@@ -275,8 +275,6 @@ class Downstream(H2Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not hasattr(self, "h2"):  # closed in connection_made (no ALPN h2): never served
-            return
         if self._linger is not None:
             self._linger.cancel()
         if self._drain_timer is not None:

@@ -13,7 +13,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +30,16 @@ from backends import (
     open_tls_channel,
 )
 from cryptography import x509
-from proxy_process import free_port, log_events, proxy_output, run_cli, start_proxy, wait_for
+from proxy_process import (
+    free_port,
+    log_events,
+    proxy_output,
+    run_cli,
+    short_socket_path,
+    start_proxy,
+    tls_listen_args,
+    wait_for,
+)
 from tls_support import CertFiles, TestCA
 
 from proxy.echo import echo_pb2
@@ -98,16 +106,7 @@ def plain_backend(echo_backends: EchoBackendsFactory) -> EchoServer:
 
 
 def _tls_args(certs: CertFiles, port: int, *extra: str) -> list[str]:
-    return [
-        "serve",
-        "--listen",
-        f"tls:127.0.0.1:{port}",
-        "--tls-cert",
-        str(certs.cert),
-        "--tls-key",
-        str(certs.key),
-        *extra,
-    ]
+    return ["serve", *tls_listen_args(certs, port), *extra]
 
 
 # ---------------------------------------------------------------------------- listener
@@ -283,19 +282,23 @@ def test_handshake_timeout_and_pending_handshake_cap(
 # ---------------------------------------------------------------------------- backends
 
 
+def _backend_tls_args(backend: EchoServer, ca: Path) -> list[str]:
+    """`serve` with TLS to this one backend, verified against `ca`."""
+    return ["serve", "--backend", backend.address, "--backend-tls", "--backend-ca", str(ca)]
+
+
 def test_tls_backends_verified_with_the_ca(
     tls_ca: TestCA, other_ca: TestCA, tls_echo_backends: TLSEchoBackendsFactory
 ) -> None:
     backend_certs = tls_ca.issue_server("backend")
     [backend] = tls_echo_backends(1, backend_certs)
-    args = ["serve", "--backend", backend.address, "--backend-tls"]
     with (
-        start_proxy([*args, "--backend-ca", str(tls_ca.ca_pem)]) as (_, port),
+        start_proxy(_backend_tls_args(backend, tls_ca.ca_pem)) as (_, port),
         open_channel(f"127.0.0.1:{port}") as channel,
     ):
         assert _call(channel)[0].backend == backend.name
     # The wrong CA: a clean UNAVAILABLE naming the backend and the TLS reason.
-    with start_proxy([*args, "--backend-ca", str(other_ca.ca_pem)]) as (proc, port):
+    with start_proxy(_backend_tls_args(backend, other_ca.ca_pem)) as (proc, port):
         with open_channel(f"127.0.0.1:{port}") as channel:
             error = _failure(channel)
         assert error.code() is grpc.StatusCode.UNAVAILABLE
@@ -311,14 +314,7 @@ def test_backend_that_requires_client_certificates(
     backend_certs = tls_ca.issue_server("backend")
     [backend] = tls_echo_backends(1, backend_certs, tls_ca.ca_pem)
     proxy_client = tls_ca.issue_client("proxy", uris=("spiffe://example.org/proxy",))
-    args = [
-        "serve",
-        "--backend",
-        backend.address,
-        "--backend-tls",
-        "--backend-ca",
-        str(tls_ca.ca_pem),
-    ]
+    args = _backend_tls_args(backend, tls_ca.ca_pem)
     with start_proxy(args) as (_, port), open_channel(f"127.0.0.1:{port}") as channel:
         error = _failure(channel)
         assert error.code() is grpc.StatusCode.UNAVAILABLE
@@ -335,14 +331,7 @@ def test_backend_server_name_override_and_per_target_table(
     # A certificate that names only backend.internal: 127.0.0.1 does not match it.
     backend_certs = tls_ca.issue_server("backend", dns=("backend.internal",), ips=())
     [backend] = tls_echo_backends(1, backend_certs)
-    args = [
-        "serve",
-        "--backend",
-        backend.address,
-        "--backend-tls",
-        "--backend-ca",
-        str(tls_ca.ca_pem),
-    ]
+    args = _backend_tls_args(backend, tls_ca.ca_pem)
     with start_proxy(args) as (_, port), open_channel(f"127.0.0.1:{port}") as channel:
         assert "certificate verify failed" in (_failure(channel).details() or "")
     with (
@@ -428,21 +417,14 @@ def test_a_bad_file_at_start_exits_2_naming_the_setting(tmp_path: Path, tls_ca: 
 
 
 def test_unix_socket_listener_serves_grpcio(plain_backend: EchoServer) -> None:
-    # sun_path holds 108 bytes: pytest's tmp_path can be longer.
-    folder = tempfile.mkdtemp(prefix="gp-")
-    path = os.path.join(folder, "proxy.sock")
-    args = ["serve", "--listen", f"unix:{path}", "--listen", f"127.0.0.1:{free_port()}"]
-    try:
+    with short_socket_path() as path:
+        args = ["serve", "--listen", f"unix:{path}", "--listen", f"127.0.0.1:{free_port()}"]
         with start_proxy([*args, "--backend", plain_backend.address]) as (proc, _):
             with open_channel(f"unix://{path}") as channel:
                 assert _call(channel, "unix")[0].message == "unix"
             [access] = _wait_event(proc, "call")
             assert access["peer"] == "unix"
         assert not os.path.exists(path), proxy_output(proc)  # removed at exit
-    finally:
-        if os.path.exists(path):
-            os.unlink(path)
-        os.rmdir(folder)
 
 
 def test_workers_serve_tls_and_each_rereads_the_certificate_on_sighup(
