@@ -37,7 +37,7 @@ USER 10001:10001
 EXPOSE 50051 9901
 # The admin /healthz, found from GRPC_ETCD_PROXY_ADMIN (slim has no curl).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["/opt/venv/bin/python", "-m", "proxy.healthcheck"]
+    CMD ["/opt/venv/bin/python", "-m", "proxy.ops.healthcheck"]
 # The proxy is PID 1 and drains on SIGTERM (`docker stop`): give it the drain timeout, e.g.
 # `docker stop -t 35`, or Docker kills it after 10 s.
 ENTRYPOINT ["grpc-etcd-proxy", "serve"]

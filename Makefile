@@ -34,9 +34,9 @@ $(VPY):
 	  echo "'$(PYTHON) -m venv' failed (on Debian's own python3: apt-get install python3-venv)"; \
 	  exit 1; }
 
-$(VENV_STAMP): pyproject.toml | $(VPY)
+$(VENV_STAMP): pyproject.toml examples/pyproject.toml | $(VPY)
 	$(VPY) -m pip install --upgrade pip
-	$(VPY) -m pip install -e '.[dev]'
+	$(VPY) -m pip install -e '.[dev]' -e ./examples
 	touch $@
 
 tools:
@@ -48,7 +48,7 @@ protos: venv
 lint: venv
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
-	$(VENV)/bin/mypy proxy/
+	$(VENV)/bin/mypy proxy/ examples/proxy_examples/
 
 # --strict turns every warning into a failure: a broken link or anchor, a page left out of the
 # nav. NO_MKDOCS_2_WARNING silences mkdocs-material's banner about its end of life, printed on

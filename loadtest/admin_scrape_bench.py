@@ -24,10 +24,10 @@ import time
 
 from prometheus_client import generate_latest
 
-from proxy.admin.app import ServerAdmin
-from proxy.pool.endpoints import static_pool
-from proxy.relay.server import ProxyServer
-from proxy.routing import Router
+from proxy.core.endpoints import static_pool
+from proxy.core.routing import Router
+from proxy.ops.admin.app import ServerAdmin
+from proxy.runtime.server import ProxyServer
 
 
 async def _probe(stop: asyncio.Event) -> float:
@@ -42,7 +42,7 @@ async def _probe(stop: asyncio.Event) -> float:
 async def run(paths: int, backends: int, repeat: int) -> None:
     addresses = [f"10.0.0.{i}:50051" for i in range(backends)]
     server = ProxyServer(Router(default=static_pool("static", addresses)))
-    stats = server.stats
+    stats = server.dispatcher.stats
     stats.max_paths = max(stats.max_paths, paths)
     for p in range(paths):
         path = f"/pkg.Service{p % 50}/Method{p}".encode()

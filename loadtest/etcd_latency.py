@@ -45,11 +45,11 @@ import structlog
 from loadtest import procs, tools
 from loadtest.procs import SetupError, log
 from loadtest.stats import percentile
+from proxy.core.endpoints import PoolSnapshot, TargetPool
 from proxy.discovery.etcd import EtcdClient
 from proxy.discovery.etcd_model import EtcdConfig, EtcdError, etcd_config
 from proxy.discovery.registration import endpoint_value
 from proxy.discovery.watcher import EtcdDiscovery
-from proxy.pool.endpoints import PoolSnapshot, TargetPool
 
 T = TypeVar("T")
 

@@ -4,7 +4,7 @@ Run from the repository root::
 
     python -m loadtest.health_checks_bench [--backends 20] [--interval 0.2] [--seconds 10]
 
-Backends are ``python -m proxy.echo.server`` subprocesses (they answer grpc.health.v1), so
+Backends are ``python -m proxy_examples.echo.server`` subprocesses (they answer grpc.health.v1), so
 their work does not count here. On uvloop, each mode
 runs for ``--seconds`` while a ticker task sleeps 10 ms at a time and records how late the loop
 wakes it (what a call being relayed would wait):
@@ -44,8 +44,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest import procs, tools
 from loadtest.procs import SetupError
-from proxy.health.active import JITTER, ActiveHealth
-from proxy.pool.endpoints import static_pool
+from proxy.core.endpoints import static_pool
+from proxy.core.options import HealthCheckOptions
+from proxy.runtime.health_checks import JITTER, ActiveHealth
 
 REQUEST = health_pb2.HealthCheckRequest(service="")
 TICK = 0.01
@@ -96,7 +97,7 @@ class Bench:
 
     async def active(self) -> int:
         pool = static_pool("bench", self.addresses)
-        health = ActiveHealth(lambda: [pool], self.interval, 1.0)
+        health = ActiveHealth(lambda: [pool], HealthCheckOptions(self.interval, 1.0))
         health.start()
         await asyncio.sleep(self.seconds)
         checks = sum(health.checks_total.values())
@@ -169,7 +170,7 @@ def start_backends(sup: procs.Supervisor, count: int) -> list[str]:
     started = []
     for index in range(count):
         port = procs.free_port()
-        argv = [sys.executable, "-m", "proxy.echo.server", "--port", str(port)]
+        argv = [sys.executable, "-m", "proxy_examples.echo.server", "--port", str(port)]
         started.append((sup.start(f"b{index}", [*argv, "--name", f"b{index}"]), port))
     for service, port in started:
         failure = procs.wait_for_port(service, port, STARTUP_TIMEOUT_S)

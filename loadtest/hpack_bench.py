@@ -1,7 +1,7 @@
 """Decoding a header block the cache has not seen: hpack's decoder against the proxy's.
 
 A grpc-go client sends a new ``grpc-timeout`` on most calls, so its request blocks miss the
-proxy's block cache: each is decoded (by the lean path of ``proxy.h2.hpack_cache``, or by hpack
+proxy's block cache: each is decoded (by the lean path of ``proxy.core.h2.hpack_cache``, or by hpack
 when that gives up) and validated. This times both decoders on the same blocks (as grpc-go's
 encoder, here hpack's, writes them: indexed fields and one new literal with incremental
 indexing) and the validation of a new list, in microseconds per block, best of ``--repeat``.
@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from hpack import Decoder, Encoder
 
 from loadtest import tools
-from proxy.h2.hpack_cache import CachingDecoder
-from proxy.h2.validation import validate_request
+from proxy.core.h2.hpack_cache import CachingDecoder
+from proxy.core.h2.validation import validate_request
 
 REQUEST = [
     (b":method", b"POST"),

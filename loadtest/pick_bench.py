@@ -31,12 +31,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from proxy.balancing import Balancer
-from proxy.balancing.policies import POLICIES
-from proxy.balancing.ring import HashRing
-from proxy.balancing.table import PoolTable
-from proxy.h2.events import HeaderList
-from proxy.pool.endpoints import Endpoint, PoolSnapshot
+from proxy.core.balancing import Balancer
+from proxy.core.balancing.policies import POLICIES
+from proxy.core.balancing.ring import HashRing
+from proxy.core.balancing.table import PoolTable
+from proxy.core.endpoints import Endpoint, PoolSnapshot
+from proxy.core.h2.events import HeaderList
 
 STICKY = b"x-session"
 PIN = b"x-instance"

@@ -20,8 +20,8 @@ import grpc
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from proxy.echo import echo_pb2_grpc
-from proxy.echo.server import MAX_MESSAGE_BYTES, EchoServer, serve
+from proxy_examples.echo import echo_pb2_grpc
+from proxy_examples.echo.server import MAX_MESSAGE_BYTES, EchoServer, serve
 
 if TYPE_CHECKING:
     from tls_support import CertFiles
@@ -76,7 +76,7 @@ def start_echo_subprocess(
     certs: CertFiles | None = None,
     client_ca: Path | None = None,
 ) -> tuple[subprocess.Popen[str], int]:
-    """Run ``python -m proxy.echo.server`` and return it once it listens, with its port.
+    """Run ``python -m proxy_examples.echo.server`` and return it once it listens, with its port.
 
     Use this when a test must ``kill -9`` the backend. ``stderr`` is a pipe carrying the
     ``cancelled <method> backend=<name>`` lines; it is only drained by the caller, so keep
@@ -84,7 +84,7 @@ def start_echo_subprocess(
     ``certs`` serves TLS with them, and ``client_ca`` then requires client certificates.
     The files are read once at start: to rotate a backend's certificate, restart it.
     """
-    cmd = [sys.executable, "-m", "proxy.echo.server", "--port", str(port), "--host", host]
+    cmd = [sys.executable, "-m", "proxy_examples.echo.server", "--port", str(port), "--host", host]
     if name is not None:
         cmd += ["--name", name]
     if certs is not None:

@@ -19,7 +19,7 @@ from backends import (
 )
 from tls_support import CertFiles, TestCA
 
-from proxy.echo.server import EchoServer
+from proxy_examples.echo.server import EchoServer
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from proxy.echo.echo_pb2 import EchoRequest, EchoResponse
-from proxy.echo.echo_pb2_grpc import EchoStub
-from proxy.echo.server import EchoServer, status_details
+from proxy_examples.echo.echo_pb2 import EchoRequest, EchoResponse
+from proxy_examples.echo.echo_pb2_grpc import EchoStub
+from proxy_examples.echo.server import EchoServer, status_details
 
 
 @pytest.fixture

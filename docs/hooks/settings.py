@@ -1,4 +1,4 @@
-"""MkDocs hook: the settings reference is generated from `proxy.config.SETTINGS`.
+"""MkDocs hook: the settings reference is generated from `proxy.app.config.SETTINGS`.
 
 docs/reference/settings.md holds a marker where the tables go; at build time this hook
 replaces it with one table per group of settings (flag, environment variable, TOML key,
@@ -15,7 +15,7 @@ from typing import Any
 
 from mkdocs.exceptions import PluginError
 
-from proxy.config import SETTINGS, Setting
+from proxy.app.config import SETTINGS, Setting
 
 SETTINGS_PAGE = "reference/settings.md"
 MARKER = "<!-- settings-table -->"

@@ -5,10 +5,11 @@ talks to etcd, ``watcher`` keeps pools in sync, ``registration`` registers a bac
 ``embedded`` runs a local etcd, and ``commands`` holds the CLI's discovery commands.
 """
 
+from proxy.core.backoff import Backoff
 from proxy.discovery.etcd import EtcdClient
 from proxy.discovery.etcd_model import EtcdConfig, EtcdError, EtcdUnavailable, etcd_config
 from proxy.discovery.registration import Registration
-from proxy.discovery.watcher import Backoff, EtcdDiscovery, TargetWatch, WatchState
+from proxy.discovery.watcher import EtcdDiscovery, TargetWatch, WatchState
 
 __all__ = [
     "Backoff",

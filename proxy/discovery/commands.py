@@ -14,10 +14,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
+from proxy.core.backoff import Backoff
+from proxy.core.units import SECONDS
 from proxy.discovery.etcd_model import EtcdAuthError, EtcdConfig, EtcdError, etcd_config
 from proxy.discovery.registration import Registration
-from proxy.discovery.watcher import Backoff, EtcdDiscovery, TargetWatch
-from proxy.units import SECONDS
+from proxy.discovery.watcher import EtcdDiscovery, TargetWatch
 
 # How long `endpoints` without --watch waits for the first listing before saying why not.
 LIST_TIMEOUT_S = 10 * SECONDS

@@ -21,9 +21,9 @@ from typing import IO
 
 import structlog
 
+from proxy.core.units import SECONDS
 from proxy.discovery.etcd import EtcdClient
 from proxy.discovery.etcd_model import EtcdConfig, EtcdError
-from proxy.units import SECONDS
 
 log = structlog.get_logger("proxy.discovery")
 

@@ -56,6 +56,7 @@ from etcd3aio.auth import AuthService
 from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
 
+from proxy.core.units import SECONDS, MiB
 from proxy.discovery.etcd_model import (
     EtcdAuthError,
     EtcdConfig,
@@ -71,7 +72,6 @@ from proxy.discovery.etcd_model import (
     decode_key,
 )
 from proxy.discovery.values import Delete, Event, Put
-from proxy.units import SECONDS, MiB
 
 T = TypeVar("T")
 Metadata = tuple[tuple[str, str], ...]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.core.units import SECONDS
 from proxy.discovery.values import Event
-from proxy.units import SECONDS
 
 DEFAULT_ENDPOINT = "127.0.0.1:2379"
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import structlog
 
+from proxy.core.backoff import Backoff
 from proxy.discovery.etcd import EtcdClient
 from proxy.discovery.etcd_model import EtcdConfig, EtcdError, Lease, LeaseLost, etcd_config
 from proxy.discovery.values import address_problem
-from proxy.discovery.watcher import Backoff, prefix_of
+from proxy.discovery.watcher import prefix_of
 
 log = structlog.get_logger("proxy.discovery")
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from proxy.pool.endpoints import Endpoint
+from proxy.core.endpoints import Endpoint
 
 log = structlog.get_logger("proxy.discovery")
 

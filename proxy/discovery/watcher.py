@@ -23,14 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
 import structlog
 
+from proxy.core.backoff import Backoff
+from proxy.core.endpoints import TargetPool
 from proxy.discovery.etcd import EtcdClient
 from proxy.discovery.etcd_model import (
     EtcdAuthError,
@@ -49,8 +49,6 @@ from proxy.discovery.values import (
     apply_listing,
     record_invalid,
 )
-from proxy.pool.endpoints import TargetPool
-from proxy.units import SECONDS
 
 log = structlog.get_logger("proxy.discovery")
 
@@ -63,25 +61,6 @@ class WatchState(enum.Enum):
     WATCHING = "watching"  # a watch stream is open and applied as it comes
     RETRYING = "retrying"  # etcd unreachable or the stream lost: waiting to try again
     CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Retry delays: ``initial_s`` doubling up to ``max_s``, each +/- ``jitter`` (a fraction).
-
-    The jitter keeps a fleet of proxies from hitting a recovering etcd in lockstep.
-    """
-
-    initial_s: float = 0.1 * SECONDS
-    max_s: float = 5 * SECONDS
-    jitter: float = 0.2
-
-    def delays(self) -> Iterator[float]:
-        """An endless sequence of delays, to restart after each success."""
-        delay = self.initial_s
-        while True:
-            yield delay * random.uniform(1 - self.jitter, 1 + self.jitter)
-            delay = min(delay * 2, self.max_s)
 
 
 def prefix_of(target: str) -> str:

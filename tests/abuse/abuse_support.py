@@ -15,7 +15,7 @@ import grpc
 from backends import echo_stub, open_channel
 from proxy_process import proxy_output
 
-from proxy.echo import echo_pb2
+from proxy_examples.echo import echo_pb2
 
 
 @dataclass

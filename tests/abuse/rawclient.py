@@ -1,5 +1,5 @@
 """A raw-socket HTTP/2 client for abuse tests: it writes whatever frames a test builds (with the
-codec's own frame factory, `proxy.h2.frames`) and reads the proxy's frames back with a timeout.
+codec's own frame factory, `proxy.core.h2.frames`) and reads the proxy's frames back with a timeout.
 
 Import as ``from rawclient import RawH2Client`` (pytest puts ``tests/abuse`` on ``sys.path``).
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from hpack import Encoder
 
-from proxy.h2 import frames as fr
+from proxy.core.h2 import frames as fr
 
 GRPC_PATH = "/echo.Echo/UnaryEcho"
 

@@ -5,7 +5,7 @@ keeps succeeding during and right after.
 
 The proxy logs the limit that tripped (``client_protocol_error ... limit='<name>'``); each
 test checks the name, so a flood that trips some other limit first does not pass by accident.
-Defaults (proxy/h2/limits.py): 100 pings/s (counted once 100 arrive with no traffic from us),
+Defaults (proxy/core/h2/limits.py): 100 pings/s (counted once 100 arrive with no traffic from us),
 100 SETTINGS/s, 100 empty frames/s, 500 rapid resets/s, 1000 queued control frames,
 32 CONTINUATION frames per block, 64 KiB of decoded headers, 256 concurrent streams.
 """
@@ -17,9 +17,9 @@ import time
 from abuse_support import Bystander, BystanderFactory, ProxyFactory, RunningProxy
 from rawclient import RawH2Client, request_headers
 
-from proxy.echo import echo_pb2
-from proxy.h2 import frames as fr
-from proxy.h2.errors import ErrorCode
+from proxy.core.h2 import frames as fr
+from proxy.core.h2.errors import ErrorCode
+from proxy_examples.echo import echo_pb2
 
 ENHANCE_YOUR_CALM = 0xB
 STREAMING_PATH = "/echo.Echo/ServerStreamingEcho"

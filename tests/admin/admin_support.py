@@ -18,11 +18,12 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from proxy.admin.app import ServerAdmin
-from proxy.admin.http import start_admin
+from proxy.core.options import ServerOptions
+from proxy.core.routing import Router
 from proxy.discovery.watcher import EtcdDiscovery
-from proxy.relay.server import ProxyServer, ServerOptions
-from proxy.routing import Router
+from proxy.ops.admin.app import ServerAdmin
+from proxy.ops.admin.http import start_admin
+from proxy.runtime.server import ProxyServer
 
 T = TypeVar("T")
 

@@ -15,11 +15,11 @@ from backends import EchoBackendsFactory
 from etcd_support import FAST
 from proxy_process import free_port
 
-from proxy.admin import http
-from proxy.admin.http import start_admin
+from proxy.core.endpoints import TargetPool, static_pool
+from proxy.core.routing import Router
 from proxy.discovery.watcher import EtcdDiscovery
-from proxy.pool.endpoints import TargetPool, static_pool
-from proxy.routing import Router
+from proxy.ops.admin import http
+from proxy.ops.admin.http import start_admin
 
 
 class StandInApp:
@@ -95,7 +95,7 @@ async def test_readyz_and_healthz_say_why(echo_backends: EchoBackendsFactory) ->
             assert b"etcd unreachable" in readyz.body
             assert (await proxy.get("/healthz")).status == 200
 
-            proxy.server.draining = True
+            proxy.server.listeners.draining = True
             healthz = await proxy.get("/healthz")
             assert (healthz.status, healthz.body) == (503, b"draining\n")
             assert (await proxy.get("/readyz")).body == b"draining\n"

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy_process import start_proxy
 
 from proxy.discovery.registration import endpoint_value
-from proxy.echo import echo_pb2, echo_pb2_grpc
+from proxy_examples.echo import echo_pb2, echo_pb2_grpc
 
 
 async def get(port: int, path: str) -> Reply:

@@ -13,10 +13,10 @@ from backends import EchoBackendsFactory
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from proxy.echo import echo_pb2, echo_pb2_grpc
-from proxy.pool.endpoints import TargetPool, static_pool
-from proxy.relay.stats import DURATION_BUCKETS, OTHER_PATH
-from proxy.routing import Router
+from proxy.core.endpoints import TargetPool, static_pool
+from proxy.core.routing import Router
+from proxy.core.stats import DURATION_BUCKETS, OTHER_PATH
+from proxy_examples.echo import echo_pb2, echo_pb2_grpc
 
 UNARY = {"service": "echo.Echo", "method": "UnaryEcho"}
 
@@ -68,10 +68,10 @@ async def test_families_and_labels_after_traffic(echo_backends: EchoBackendsFact
             echo_pb2.EchoRequest(), metadata=(("x-echo-delay-ms", "10000"),), timeout=20
         )
         for _ in range(200):
-            if proxy.server.inflight:
+            if proxy.server.dispatcher.inflight:
                 break
             await asyncio.sleep(0.02)
-        (busy,) = proxy.server.inflight
+        (busy,) = proxy.server.dispatcher.inflight
 
         m = await scrape(proxy)
 
@@ -174,7 +174,7 @@ async def test_exact_figures_from_the_counters(echo_backends: EchoBackendsFactor
     """Counters set directly (no traffic): the conversion itself, figure by figure."""
     (backend,) = echo_backends(1)
     async with admin_proxy(Router(default=static_pool("static", [backend.address]))) as proxy:
-        stats = proxy.server.stats
+        stats = proxy.server.dispatcher.stats
         a = backend.address
         stats.call_started(b"/pkg.Svc/Get", a)
         stats.call_started(b"/pkg.Svc/Get", a)
@@ -186,7 +186,7 @@ async def test_exact_figures_from_the_counters(echo_backends: EchoBackendsFactor
         stats.retried("refused_stream")
         stats.retried("refused_stream")
         stats.budget_refused()
-        proxy.server.connection_errors["max_rst_rate"] += 3
+        proxy.server.listeners.connection_errors["max_rst_rate"] += 3
         m = await scrape(proxy)
 
     get = {"service": "pkg.Svc", "method": "Get"}
@@ -226,7 +226,7 @@ async def test_exact_figures_from_the_counters(echo_backends: EchoBackendsFactor
 async def test_paths_past_the_cap_and_colliding_labels(echo_backends: EchoBackendsFactory) -> None:
     (backend,) = echo_backends(1)
     async with admin_proxy(Router(default=static_pool("static", [backend.address]))) as proxy:
-        stats = proxy.server.stats
+        stats = proxy.server.dispatcher.stats
         stats.max_paths = 1
         stats.call_finished(b"/a.S/M", "", 0, 0.01, 0, 0)
         stats.call_finished(b"/b.S/M", "", 0, 0.01, 0, 0)  # past the cap: counted as other

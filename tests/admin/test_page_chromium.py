@@ -17,12 +17,12 @@ from backends import EchoBackendsFactory
 from page_support import chromium, dump_dom, parse_page, screenshot
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.echo import echo_pb2, echo_pb2_grpc
-from proxy.health.active import ActiveHealth
-from proxy.pool.connections import Backoff
-from proxy.pool.endpoints import static_pool
-from proxy.relay.server import ServerOptions
-from proxy.routing import Router
+from proxy.core.backoff import Backoff
+from proxy.core.endpoints import static_pool
+from proxy.core.options import HealthCheckOptions, ServerOptions
+from proxy.core.routing import Router
+from proxy.runtime.health_checks import ActiveHealth
+from proxy_examples.echo import echo_pb2, echo_pb2_grpc
 
 DEAD = "127.0.0.1:1"  # nothing listens on port 1: connects are refused
 
@@ -35,7 +35,7 @@ async def test_page_shows_each_endpoint_and_its_state(
     router = Router(default=static_pool("static", [DEAD, b0.address, b1.address]))
     async with admin_proxy(router) as proxy:
         # One refused connect puts the dead backend in backoff for the whole test.
-        proxy.server.pool.backoff = Backoff(base_s=600.0, cap_s=600.0)
+        proxy.server.dispatcher.pool.backoff = Backoff(initial_s=600.0, max_s=600.0)
         stub = echo_pb2_grpc.EchoStub(proxy.channel())
         for _ in range(6):
             await stub.UnaryEcho(echo_pb2.EchoRequest(message="x"), timeout=5)
@@ -90,15 +90,17 @@ async def test_page_and_pool_show_ejected_and_unhealthy(
     sick_server, sick = start_sick_backend()
     options = ServerOptions(
         outlier_consecutive_failures=2,
-        outlier_base_ejection_s=600.0,
-        outlier_max_ejection_s=600.0,
+        outlier_base_ejection=600.0,
+        outlier_max_ejection=600.0,
         outlier_max_ejection_percent=100.0,
     )
     router = Router(default=static_pool("static", [sick, good.address, bad.address]))
     try:
         async with admin_proxy(router, options=options) as proxy:
-            checks = ActiveHealth(lambda: proxy.server.router.pools(), interval_s=0.2)
-            proxy.server.health = checks
+            checks = ActiveHealth(
+                lambda: proxy.server.dispatcher.router.pools(), HealthCheckOptions(interval=0.2)
+            )
+            proxy.server.dispatcher.health = checks
             checks.start()
             try:
                 await eventually(lambda: _endpoints(proxy, lambda e: e["health"] != "unknown"))

@@ -11,12 +11,12 @@ from backends import EchoBackendsFactory
 from etcd_support import FAST, EtcdServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.core.routing import Router
 from proxy.discovery.etcd import EtcdClient
 from proxy.discovery.etcd_model import EtcdConfig
 from proxy.discovery.registration import endpoint_value
 from proxy.discovery.watcher import EtcdDiscovery
-from proxy.echo import echo_pb2, echo_pb2_grpc
-from proxy.routing import Router
+from proxy_examples.echo import echo_pb2, echo_pb2_grpc
 
 
 async def test_pool_follows_etcd(etcd: EtcdServer, echo_backends: EchoBackendsFactory) -> None:

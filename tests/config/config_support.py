@@ -18,10 +18,10 @@ import pytest
 from backends import echo_stub, open_channel
 from proxy_process import wait_for
 
-from proxy import config
-from proxy.cli import check_serve
-from proxy.config import ConfigError, ServeConfig
-from proxy.echo import echo_pb2
+from proxy.app import config
+from proxy.app.config import ConfigError, ServeConfig
+from proxy.app.wiring import check_serve
+from proxy_examples.echo import echo_pb2
 
 CALL_TIMEOUT_S = 10.0
 

@@ -11,7 +11,7 @@ import pytest
 from backends import EchoBackendsFactory, echo_stub, open_channel
 from proxy_process import log_events, run_cli, start_proxy
 
-from proxy.echo import echo_pb2
+from proxy_examples.echo import echo_pb2
 
 
 def answering_backend(port: int) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from config_support import error_of, load, write
 
-from proxy import config
-from proxy.config import ListenAddress, ServeConfig
+from proxy.app import config
+from proxy.app.config import ListenAddress, ServeConfig
 
 # ---------------------------------------------------------------------------- precedence
 

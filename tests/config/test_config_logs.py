@@ -1,4 +1,4 @@
-"""proxy.logs: JSON lines unless stderr is a terminal, the level filter, and the standard
+"""proxy.app.logs: JSON lines unless stderr is a terminal, the level filter, and the standard
 library's records (grpcio, asyncio) written in the same format."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from proxy import logs
+from proxy.app import logs
 
 
 class Terminal(io.StringIO):

@@ -17,7 +17,7 @@ from config_support import Traffic, register, wait_serving
 from etcd_support import EtcdServer
 from proxy_process import free_port, log_events, start_proxy, wait_for
 
-from proxy.echo import echo_pb2
+from proxy_examples.echo import echo_pb2
 
 CALLERS = 4
 STREAM_MESSAGES = 20

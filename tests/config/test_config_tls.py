@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from config_support import error_of, load, write
 
-from proxy.config import BackendTLS, ListenAddress
+from proxy.app.config import BackendTLS, ListenAddress
 
 CERT = ("--tls-cert", "/c.pem", "--tls-key", "/k.pem")
 

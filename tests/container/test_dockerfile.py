@@ -1,6 +1,6 @@
 """The Dockerfile has what issue 5 asks of the image, read from the file itself: two stages,
 a slim final base with only the builder's venv, a non-root user, the ports, listening on all
-interfaces, a HEALTHCHECK that runs proxy.healthcheck, and `grpc-etcd-proxy serve` as the
+interfaces, a HEALTHCHECK that runs proxy.ops.healthcheck, and `grpc-etcd-proxy serve` as the
 entrypoint. Docker cannot build here; test_image_commands.py runs the commands."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dockerfile_model import (
 )
 from tools import require_tool
 
-from proxy.config import ENV_PREFIX, ServeConfig, hostport
+from proxy.app.config import ENV_PREFIX, ServeConfig, hostport
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +99,11 @@ def test_healthcheck_runs_the_healthcheck_module(stages: list[Stage]) -> None:
     check = healthcheck(final(stages))
     assert check is not None, "no HEALTHCHECK in the final stage"
     command = check.command
-    assert command[1:3] == ["-m", "proxy.healthcheck"], command
+    assert command[1:3] == ["-m", "proxy.ops.healthcheck"], command
     # The venv's python (slim has no curl), by absolute path: no reliance on PATH.
     venv = copy_sources(final(stages).all("COPY")[0])[2]
     assert command[0] == f"{venv}/bin/python", command
-    assert importlib.util.find_spec("proxy.healthcheck") is not None
+    assert importlib.util.find_spec("proxy.ops.healthcheck") is not None
     # Docker's default timeout is 30 s; the module gives up sooner and says why.
     assert "timeout" in check.options
 

@@ -1,4 +1,4 @@
-"""proxy.healthcheck, the image's HEALTHCHECK, against real HTTP servers and closed ports."""
+"""proxy.ops.healthcheck, the image's HEALTHCHECK, against real HTTP servers and closed ports."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from dockerfile_model import REPO_ROOT
 
-from proxy import healthcheck
+from proxy.ops import healthcheck
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -113,7 +113,7 @@ def run_module(*args: str, admin_env: str | None) -> subprocess.CompletedProcess
         env[healthcheck.ADMIN_ENV] = admin_env
     env["PYTHONPATH"] = str(REPO_ROOT)
     return subprocess.run(
-        [sys.executable, "-m", "proxy.healthcheck", *args],
+        [sys.executable, "-m", "proxy.ops.healthcheck", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -36,7 +36,7 @@ from dockerfile_model import (
 )
 from proxy_process import free_port, wait_for_port
 
-from proxy.echo.echo_pb2 import EchoRequest
+from proxy_examples.echo.echo_pb2 import EchoRequest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from dockerfile_model import REPO_ROOT, read_dockerfile
 
-from proxy.config import ListenAddress, ServeConfig, add_serve_flags, flag_values, load
+from proxy.app.config import ListenAddress, ServeConfig, add_serve_flags, flag_values, load
 
 yaml = pytest.importorskip("yaml", reason="needs PyYAML (the dev extra: pip install -e '.[dev]')")
 

@@ -12,7 +12,7 @@ from backends import EchoBackendsFactory
 from dockerfile_model import REPO_ROOT
 from proxy_process import free_port, start_proxy
 
-from proxy.healthcheck import default_url
+from proxy.ops.healthcheck import default_url
 
 yaml = pytest.importorskip("yaml", reason="needs PyYAML (the dev extra: pip install -e '.[dev]')")
 

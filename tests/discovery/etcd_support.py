@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from proxy.discovery.watcher import Backoff
+from proxy.core.backoff import Backoff
 
 # Retries fast enough that outage tests take a second or two, not the production 5 s cap.
 FAST = Backoff(initial_s=0.05, max_s=0.3)

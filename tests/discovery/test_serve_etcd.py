@@ -9,7 +9,7 @@ from backends import EchoBackendsFactory, echo_stub, open_channel
 from etcd_support import EtcdServer
 from proxy_process import start_proxy, wait_for
 
-from proxy.echo import echo_pb2
+from proxy_examples.echo import echo_pb2
 
 
 def backends_answering(target: str, calls: int = 6) -> set[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proxy.core.endpoints import Endpoint
 from proxy.discovery.values import (
     Delete,
     Invalid,
@@ -16,7 +17,6 @@ from proxy.discovery.values import (
     parse_value,
     record_invalid,
 )
-from proxy.pool.endpoints import Endpoint
 
 KEY = "svc/x"
 

@@ -8,10 +8,10 @@ import json
 import pytest
 from etcd_support import FAST, EtcdFactory, EtcdServer, Forwarder, eventually
 
+from proxy.core.endpoints import TargetPool
 from proxy.discovery.etcd import EtcdClient
 from proxy.discovery.values import invalid_values_total
 from proxy.discovery.watcher import EtcdDiscovery, TargetWatch, WatchState
-from proxy.pool.endpoints import TargetPool
 
 pytestmark = pytest.mark.needs_tool("etcd", "etcdctl")
 

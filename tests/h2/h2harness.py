@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from hpack import Decoder, Encoder
 
-from proxy.h2 import frames as fr
-from proxy.h2.connection import Connection, Role
-from proxy.h2.events import DataReceived, Event, HeaderList, SettingsChanged
-from proxy.h2.limits import Limits
+from proxy.core.h2 import frames as fr
+from proxy.core.h2.connection import Connection, Role
+from proxy.core.h2.events import DataReceived, Event, HeaderList, SettingsChanged
+from proxy.core.h2.limits import Limits
 
 REQUEST: HeaderList = [
     (b":method", b"POST"),

@@ -1,6 +1,6 @@
-"""Byte-level tests of the sans-I/O connection (proxy/h2/connection.py).
+"""Byte-level tests of the sans-I/O connection (proxy/core/h2/connection.py).
 
-Frames come from the codec's own frame factory (proxy/h2/frames.py) and hpack; the codec's
+Frames come from the codec's own frame factory (proxy/core/h2/frames.py) and hpack; the codec's
 output is parsed back into frames. `Peer` drives one Connection by hand, `Pair` wires a CLIENT
 and a SERVER back to back, and the `h2` library serves as an independent peer for interop.
 """
@@ -24,10 +24,10 @@ from h2harness import (
     rst,
 )
 
-from proxy.h2 import frames as fr
-from proxy.h2.connection import _RECENTLY_CLOSED_MAX, Connection, Role
-from proxy.h2.errors import ErrorCode, FloodError, H2ConnectionError, Http1RequestError
-from proxy.h2.events import (
+from proxy.core.h2 import frames as fr
+from proxy.core.h2.connection import _RECENTLY_CLOSED_MAX, Connection, Role
+from proxy.core.h2.errors import ErrorCode, FloodError, H2ConnectionError, Http1RequestError
+from proxy.core.h2.events import (
     DataFlushed,
     DataReceived,
     Event,
@@ -37,8 +37,8 @@ from proxy.h2.events import (
     SettingsChanged,
     StreamReset,
 )
-from proxy.h2.limits import Limits
-from proxy.units import KiB, MiB
+from proxy.core.h2.limits import Limits
+from proxy.core.units import KiB, MiB
 
 U32 = struct.Struct(">I")
 OPAQUE = b"\x01\x02\x03\x04\x05\x06\x07\x08"

@@ -1,4 +1,4 @@
-"""The frame factory (proxy/h2/frames.py): byte layouts, checked by hand and against hyperframe
+"""The frame factory (proxy/core/h2/frames.py): byte layouts, checked by hand and against hyperframe
 (python-hyper's independent frame parser)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from proxy.h2 import frames as fr
+from proxy.core.h2 import frames as fr
 
 
 def hyper(data: bytes) -> list[Frame]:

@@ -1,4 +1,4 @@
-"""HPACK caches keyed on the dynamic table's generation (proxy/h2/hpack_cache.py).
+"""HPACK caches keyed on the dynamic table's generation (proxy/core/h2/hpack_cache.py).
 
 The danger of caching HPACK is a stale answer: the same bytes mean something else once the
 dynamic table changed. The nasty case is a change that leaves the table's *length* as it was
@@ -15,10 +15,10 @@ from hpack.table import table_entry_size
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.h2 import frames as fr
-from proxy.h2.events import HeadersReceived
-from proxy.h2.hpack_cache import CachingDecoder, CachingEncoder
-from proxy.h2.validation import validate_request
+from proxy.core.h2 import frames as fr
+from proxy.core.h2.events import HeadersReceived
+from proxy.core.h2.hpack_cache import CachingDecoder, CachingEncoder
+from proxy.core.h2.validation import validate_request
 
 REQUEST_HEADERS = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/")]
 INDEX_62 = b"\xbe"  # indexed field: the newest dynamic-table entry
@@ -382,7 +382,7 @@ def test_requests_alternating_between_a_few_cached_blocks_are_validated_once_eac
 ) -> None:
     """A grpc-go client's streams alternate between a few grpc-timeout values: each decoded
     (cached) list is checked once, not once per switch."""
-    import proxy.h2.connection as connection
+    import proxy.core.h2.connection as connection
 
     checked = []
 

@@ -19,10 +19,10 @@ from hpack import Encoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.h2 import frames as fr
-from proxy.h2.connection import Connection, Role
-from proxy.h2.errors import ErrorCode, H2ConnectionError
-from proxy.h2.events import Event, HeadersReceived, SettingsChanged
+from proxy.core.h2 import frames as fr
+from proxy.core.h2.connection import Connection, Role
+from proxy.core.h2.errors import ErrorCode, H2ConnectionError
+from proxy.core.h2.events import Event, HeadersReceived, SettingsChanged
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

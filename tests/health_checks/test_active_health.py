@@ -20,11 +20,12 @@ import structlog
 from backends import EchoBackendsFactory
 from structlog.testing import capture_logs
 
-import proxy.health.active as active
-from proxy.echo.server import SERVICE_NAME, serve
-from proxy.health.active import ActiveHealth
-from proxy.pool.endpoints import Endpoint, TargetPool, static_pool
-from proxy.routing import Router
+import proxy.runtime.health_checks as active
+from proxy.core.endpoints import Endpoint, TargetPool, static_pool
+from proxy.core.options import HealthCheckOptions
+from proxy.core.routing import Router
+from proxy.runtime.health_checks import ActiveHealth
+from proxy_examples.echo.server import SERVICE_NAME, serve
 
 INTERVAL = 0.1
 WAIT = 15.0
@@ -44,9 +45,9 @@ async def health_of() -> AsyncIterator[Callable[..., ActiveHealth]]:
     started: list[ActiveHealth] = []
 
     def make(pools: Any, **kwargs: Any) -> ActiveHealth:
-        kwargs.setdefault("interval_s", INTERVAL)
-        kwargs.setdefault("timeout_s", 1.0)
-        health = ActiveHealth(pools, **kwargs)
+        kwargs.setdefault("interval", INTERVAL)
+        kwargs.setdefault("timeout", 1.0)
+        health = ActiveHealth(pools, HealthCheckOptions(**kwargs))
         health.start()
         started.append(health)
         return health
@@ -166,7 +167,7 @@ async def test_a_stopped_backend_is_out_and_back_when_it_restarts(
 async def test_no_answer_in_time_is_out_and_unknown_before_the_first_answer(
     hung_backend: str, health_of: Callable[..., ActiveHealth]
 ) -> None:
-    health = health_of(lambda: [static_pool("echo", [hung_backend])], timeout_s=1.0)
+    health = health_of(lambda: [static_pool("echo", [hung_backend])], timeout=1.0)
     await wait_until(lambda: hung_backend in health.addresses(), "checking it")
     # Its first check is under way and cannot answer before its 1 s timeout.
     assert health.status(hung_backend) == "unknown"
@@ -181,7 +182,7 @@ async def test_a_backend_that_never_completes_the_connection_is_out(
     silent_listener: str, health_of: Callable[..., ActiveHealth]
 ) -> None:
     # grpc's connect timeout is the check timeout: whichever fires first, the verdict is out.
-    health = health_of(lambda: [static_pool("echo", [silent_listener])], timeout_s=0.5)
+    health = health_of(lambda: [static_pool("echo", [silent_listener])], timeout=0.5)
     await wait_until(lambda: not health.usable(silent_listener), "silent backend out")
     results = {r for (a, r) in health.checks_total if a == silent_listener}
     assert results and results <= {"timeout", "error"}, results
@@ -265,7 +266,9 @@ def test_runs_on_uvloop(echo_backends: EchoBackendsFactory) -> None:
 
     async def flip() -> str:
         assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
-        health = ActiveHealth(lambda: [static_pool("echo", [b0.address])], INTERVAL, 1.0)
+        health = ActiveHealth(
+            lambda: [static_pool("echo", [b0.address])], HealthCheckOptions(INTERVAL, 1.0)
+        )
         health.start()
         try:
             await wait_until(all_serving(health, [b0.address]), "serving")

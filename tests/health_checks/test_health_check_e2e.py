@@ -16,7 +16,7 @@ from backends import EchoBackendsFactory, EchoSubprocessFactory, echo_stub, open
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proxy_process import free_port, proxy_output, start_proxy, wait_for
 
-from proxy.echo import echo_pb2
+from proxy_examples.echo import echo_pb2
 
 WAIT = 30.0
 

@@ -22,9 +22,9 @@ from backends import CHANNEL_OPTIONS
 from hpack import Decoder
 from proxy_process import proxy_output
 
-from proxy.echo import echo_pb2, echo_pb2_grpc
-from proxy.echo.server import EchoServer
-from proxy.h2 import frames as fr
+from proxy.core.h2 import frames as fr
+from proxy_examples.echo import echo_pb2, echo_pb2_grpc
+from proxy_examples.echo.server import EchoServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "abuse"))
 from rawclient import Frame, RawH2Client, request_headers

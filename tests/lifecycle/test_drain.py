@@ -25,10 +25,10 @@ from lifecycle_support import (
 )
 from proxy_process import proxy_output, start_proxy
 
-from proxy.echo import echo_pb2
-from proxy.h2 import frames as fr
-from proxy.h2.errors import ErrorCode
-from proxy.relay.downstream import DRAIN_PING
+from proxy.core.h2 import frames as fr
+from proxy.core.h2.errors import ErrorCode
+from proxy.runtime.downstream import DRAIN_PING
+from proxy_examples.echo import echo_pb2
 
 
 def serve_args(backend: str, *extra: str) -> list[str]:

@@ -8,10 +8,10 @@ import socket
 
 import pytest
 
-from proxy import config
+from proxy.app import config
+from proxy.app.supervisor import WorkerRole, reserve_port, worker_argv, worker_role
 from proxy.cli import build_parser
-from proxy.supervisor import WorkerRole, reserve_port, worker_argv, worker_role
-from proxy.workers_admin import merge_families, render_families
+from proxy.ops.workers_admin import merge_families, render_families
 
 SUPERVISOR_ARGV = [
     "serve",

@@ -29,7 +29,7 @@ from lifecycle_support import (
 )
 from proxy_process import free_port, proxy_output, start_proxy
 
-from proxy.echo import echo_pb2
+from proxy_examples.echo import echo_pb2
 
 CALLS = 40
 

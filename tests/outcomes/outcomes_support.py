@@ -11,8 +11,8 @@ from concurrent import futures
 
 import grpc
 
-from proxy.echo import echo_pb2, echo_pb2_grpc
-from proxy.echo.server import SERVER_OPTIONS, EchoServicer
+from proxy_examples.echo import echo_pb2, echo_pb2_grpc
+from proxy_examples.echo.server import SERVER_OPTIONS, EchoServicer
 
 
 class FlakyServicer(EchoServicer):

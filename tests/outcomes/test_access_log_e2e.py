@@ -9,7 +9,7 @@ import pytest
 from backends import EchoBackendsFactory, echo_stub, open_channel
 from proxy_process import log_events, start_proxy
 
-from proxy.echo.echo_pb2 import EchoRequest
+from proxy_examples.echo.echo_pb2 import EchoRequest
 
 
 def serve_args(address: str, *options: str) -> list[str]:

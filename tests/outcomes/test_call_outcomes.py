@@ -12,12 +12,13 @@ import pytest
 from backends import EchoBackendsFactory
 from proxy_process import ClosedPort
 
-from proxy.echo import echo_pb2, echo_pb2_grpc
-from proxy.pool.endpoints import Endpoint, static_pool
-from proxy.relay import server as server_module
-from proxy.relay.server import ProxyServer, ServerOptions
-from proxy.relay.stats import NO_BACKEND
-from proxy.routing import Router
+from proxy.core.endpoints import Endpoint, static_pool
+from proxy.core.options import ServerOptions
+from proxy.core.routing import Router
+from proxy.core.stats import NO_BACKEND
+from proxy.runtime import dispatcher as dispatcher_module
+from proxy.runtime.server import ProxyServer
+from proxy_examples.echo import echo_pb2, echo_pb2_grpc
 
 UNARY = b"/echo.Echo/UnaryEcho"
 CLIENT_STREAMING = b"/echo.Echo/ClientStreamingEcho"
@@ -32,7 +33,7 @@ class AccessLog(list[dict[str, Any]]):
 def access_log(monkeypatch: pytest.MonkeyPatch) -> AccessLog:
     # The module's structlog logger may be cached by another test's configuration.
     recorded = AccessLog()
-    monkeypatch.setattr(server_module, "access_log", recorded)
+    monkeypatch.setattr(dispatcher_module, "access_log", recorded)
     return recorded
 
 
@@ -55,7 +56,7 @@ async def proxy(
 
 async def settle(server: ProxyServer) -> None:
     for _ in range(100):
-        if not server.inflight and not server.budget.retries:
+        if not server.dispatcher.inflight and not server.dispatcher.budget.retries:
             return
         await asyncio.sleep(0.02)
 
@@ -73,7 +74,7 @@ async def test_each_call_is_counted_once_with_its_status_and_bytes(
     await stub.ClientStreamingEcho(iter(requests), timeout=5)
     await settle(server)
 
-    stats = server.stats
+    stats = server.dispatcher.stats
     assert stats.started == {(UNARY, address): 2, (CLIENT_STREAMING, address): 1}
     unary_ok = stats.finished[(UNARY, address, 0)]
     assert unary_ok[0] == 1 and stats.finished[(UNARY, address, 5)][0] == 1
@@ -85,7 +86,7 @@ async def test_each_call_is_counted_once_with_its_status_and_bytes(
     assert streamed[1] == sum(len(r.SerializeToString()) + 5 for r in requests)
     assert sum(stats.durations[UNARY][:-1]) == 2
     assert stats.durations[UNARY][-1] > 0  # the sum of durations
-    assert server.inflight == {} and server.budget.retries == 0
+    assert server.dispatcher.inflight == {} and server.dispatcher.budget.retries == 0
 
     lines = [e for e in access_log if e["event"] == "call"]
     assert [(e["method"], e["grpc_status"]) for e in lines] == [
@@ -109,15 +110,15 @@ async def test_a_cancelled_call_counts_as_cancelled(
     server, stub, address = proxy
     call = stub.UnaryEcho(echo_pb2.EchoRequest(), metadata=(("x-echo-delay-ms", "5000"),))
     for _ in range(100):
-        if server.inflight:
+        if server.dispatcher.inflight:
             break
         await asyncio.sleep(0.02)
     call.cancel()
     await settle(server)
-    [(key, row)] = server.stats.finished.items()
+    [(key, row)] = server.dispatcher.stats.finished.items()
     assert key == (UNARY, address, 1) and row[0] == 1 and row[2] == 0
     assert [e["grpc_status"] for e in access_log] == [1]
-    assert server.inflight == {}
+    assert server.dispatcher.inflight == {}
 
 
 async def test_calls_the_proxy_fails_itself_count_with_its_status(
@@ -144,10 +145,13 @@ async def test_calls_the_proxy_fails_itself_count_with_its_status(
         await server.close()
         dead.close()
     other = b"/other.Service/Method"
-    assert server.stats.started == {(UNARY, dead.address): 1, (other, NO_BACKEND): 1}
-    assert set(server.stats.finished) == {(UNARY, dead.address, 14), (other, NO_BACKEND, 12)}
+    assert server.dispatcher.stats.started == {(UNARY, dead.address): 1, (other, NO_BACKEND): 1}
+    assert set(server.dispatcher.stats.finished) == {
+        (UNARY, dead.address, 14),
+        (other, NO_BACKEND, 12),
+    }
     assert access_log == []  # sampling 0: off
-    assert server.inflight == {}
+    assert server.dispatcher.inflight == {}
 
 
 async def test_retries_are_counted_by_kind(
@@ -170,20 +174,20 @@ async def test_retries_are_counted_by_kind(
         await server.close()
         dead.close()
     # The dead backend is tried at least by the first call (then it is in connect backoff).
-    assert server.stats.retries["connect_failed"] >= 1
-    assert set(server.stats.retries) == {"connect_failed"}
-    assert server.stats.budget_refusals == 0
-    assert server.inflight == {} and server.budget.retries == 0
+    assert server.dispatcher.stats.retries["connect_failed"] >= 1
+    assert set(server.dispatcher.stats.retries) == {"connect_failed"}
+    assert server.dispatcher.stats.budget_refusals == 0
+    assert server.dispatcher.inflight == {} and server.dispatcher.budget.retries == 0
     # Each call is counted once, on the backend that last served it.
-    assert sum(n for (_, b), n in server.stats.started.items()) == 4
-    assert server.stats.finished[(UNARY, backend.address, 0)][0] == 4
+    assert sum(n for (_, b), n in server.dispatcher.stats.started.items()) == 4
+    assert server.dispatcher.stats.finished[(UNARY, backend.address, 0)][0] == 4
 
 
 async def test_a_pool_change_is_logged_once_with_what_joined_and_left(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     logs = AccessLog()  # records .info() calls; the module's logger may be cached elsewhere
-    monkeypatch.setattr(server_module, "log", logs)
+    monkeypatch.setattr(dispatcher_module, "log", logs)
     pool = static_pool("echo", ["127.0.0.1:1", "127.0.0.1:2"])
     server = ProxyServer(Router(default=pool))
     try:

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from proxy.health import outlier
-from proxy.health.outlier import OutlierDetector
+from proxy.core import outlier
+from proxy.core.outlier import OutlierDetector
 
 POOL = [f"10.0.0.{i}:50051" for i in range(10)]
 A, B, C = POOL[:3]

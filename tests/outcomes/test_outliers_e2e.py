@@ -14,7 +14,7 @@ from backends import echo_stub, open_channel
 from outcomes_support import FlakyBackend, proxy_args
 from proxy_process import free_port, log_events, start_proxy, wait_for
 
-from proxy.echo.echo_pb2 import EchoRequest
+from proxy_examples.echo.echo_pb2 import EchoRequest
 
 Flaky = Callable[[int], list[FlakyBackend]]
 

@@ -9,7 +9,7 @@ from backends import EchoBackendsFactory, echo_stub, open_channel
 from outcomes_support import ClosingListener, proxy_args
 from proxy_process import ClosedPort, start_proxy
 
-from proxy.echo.echo_pb2 import EchoRequest
+from proxy_examples.echo.echo_pb2 import EchoRequest
 
 # Outlier detection off: these tests look at retries alone.
 NO_OUTLIERS = ("--outlier-consecutive-failures", "0")

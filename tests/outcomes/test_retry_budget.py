@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.relay.retry_budget import RetryBudget
+from proxy.core.retry_budget import RetryBudget
 
 
 def grant(budget: RetryBudget, asked: int, calls: int) -> int:

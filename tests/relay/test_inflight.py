@@ -10,10 +10,10 @@ import grpc
 import pytest
 from backends import EchoBackendsFactory
 
-from proxy.echo import echo_pb2, echo_pb2_grpc
-from proxy.pool.endpoints import static_pool
-from proxy.relay.server import ProxyServer
-from proxy.routing import Router
+from proxy.core.endpoints import static_pool
+from proxy.core.routing import Router
+from proxy.runtime.server import ProxyServer
+from proxy_examples.echo import echo_pb2, echo_pb2_grpc
 
 
 async def test_inflight_counts_return_to_zero(echo_backends: EchoBackendsFactory) -> None:
@@ -36,15 +36,15 @@ async def test_inflight_counts_return_to_zero(echo_backends: EchoBackendsFactory
                 echo_pb2.EchoRequest(), metadata=(("x-echo-delay-ms", "5000"),), timeout=10
             )
             for _ in range(100):
-                if server.inflight.get(backend.address) == 1:
+                if server.dispatcher.inflight.get(backend.address) == 1:
                     break
                 await asyncio.sleep(0.02)
-            assert server.inflight == {backend.address: 1}
+            assert server.dispatcher.inflight == {backend.address: 1}
             call.cancel()
             for _ in range(100):
-                if not server.inflight:
+                if not server.dispatcher.inflight:
                     break
                 await asyncio.sleep(0.02)
-        assert server.inflight == {}
+        assert server.dispatcher.inflight == {}
     finally:
         await server.close()

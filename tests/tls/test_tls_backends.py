@@ -13,8 +13,8 @@ from backends import (
 )
 from tls_support import CertFiles, TestCA
 
-from proxy.echo.echo_pb2 import EchoRequest
-from proxy.echo.server import main, serve
+from proxy_examples.echo.echo_pb2 import EchoRequest
+from proxy_examples.echo.server import main, serve
 
 SPIFFE_WEB = "spiffe://example.org/ns/default/sa/web"
 TIMEOUT_S = 10.0

@@ -42,7 +42,7 @@ from proxy_process import (
 )
 from tls_support import CertFiles, TestCA
 
-from proxy.echo import echo_pb2
+from proxy_examples.echo import echo_pb2
 
 CALL_TIMEOUT_S = 10.0
 SPIFFE_WEB = "spiffe://example.org/ns/shop/sa/web"

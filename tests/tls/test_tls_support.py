@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from tls_support import CertFiles, TestCA
 
-from proxy.tls import identity_of
+from proxy.core.identity import identity_of
 
 SPIFFE_WEB = "spiffe://example.org/ns/default/sa/web"
 TIMEOUT_S = 10.0

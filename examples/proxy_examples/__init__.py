@@ -1,0 +1,1 @@
+"""The echo service and the demo: examples, outside the proxy's wheel."""

@@ -1,0 +1,1 @@
+"""The application: one config model, wiring, lifecycle, supervisor, logs."""

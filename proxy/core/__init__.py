@@ -1,0 +1,1 @@
+"""The sans-I/O core: no asyncio, no sockets (tests/test_architecture.py checks)."""

@@ -1,0 +1,338 @@
+"""One gRPC call: a client stream bound to a backend stream.
+
+Theory of operation
+-------------------
+The call picks a backend, attaches to a pooled backend connection (at once, or when it is
+connected), and then moves bytes: request DATA from the client goes out on the backend stream,
+response HEADERS, DATA and trailers come back. Bytes are acknowledged to the side they came
+from (WINDOW_UPDATE) only when they have been written towards the other side, so a slow
+reader holds back its own stream and nothing else; what waits in between is bounded by the
+stream windows.
+
+Until the backend answers, the call keeps a copy of the request bytes it sent (up to
+`replay_limit`). A call that reached no application code -- the connection could not be made,
+the backend refused the stream (REFUSED_STREAM), or the stream was above a GOAWAY's last id --
+is then replayed on another backend, as long as attempts are left (`max_attempts`) and the
+retry budget has room (`CallRouter.retry`); otherwise the client gets UNAVAILABLE saying why.
+Once response headers arrive, the copy is dropped and a failure is final.
+
+However a call ends, it tells the router once (`call_ended`) with its grpc-status -- the
+backend's, the proxy's own, or CANCELLED when the client went away -- and whether the backend
+gave it (`answered`): that feeds the stats, outlier detection and the access log.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import TYPE_CHECKING, Final
+
+from proxy.core.grpc_status import (
+    CANCELLED,
+    INTERNAL,
+    Status,
+    grpc_status_of,
+    status_for_reset,
+    trailers,
+    trailers_only,
+)
+from proxy.core.h2.errors import ErrorCode, error_code_name
+from proxy.core.h2.events import HeaderList
+from proxy.core.ports import BackendSide, CallRouter, ClientSide, Refusal
+
+if TYPE_CHECKING:
+    from proxy.core.endpoints import Endpoint, TargetPool
+    from proxy.core.waiting import WaitQueue
+
+
+class Phase(IntEnum):
+    """Where a call is. Failures before RESPONDING may be replayed on another backend."""
+
+    ROUTING = 0  # no backend stream: picking, connecting, or waiting in a pool's queue
+    STREAMING = 1  # a backend stream is open; no response yet (the request copy is kept)
+    RESPONDING = 2  # response headers went to the client: any failure is final
+    DONE = 3  # ended; the router was told once (`call_ended`)
+
+
+# The phases as plain ints, for the per-frame checks (an IntEnum member costs a lookup).
+ROUTING: Final = int(Phase.ROUTING)
+STREAMING: Final = int(Phase.STREAMING)
+RESPONDING: Final = int(Phase.RESPONDING)
+DONE: Final = int(Phase.DONE)
+
+
+class Call:
+    __slots__ = (
+        "acked",
+        "attempts",
+        "bsid",
+        "client",
+        "csid",
+        "endpoint",
+        "errors",
+        "headers",
+        "holding",
+        "path",
+        "phase",
+        "replay",
+        "replay_len",
+        "request_bytes",
+        "request_ended",
+        "request_trailers",
+        "response_bytes",
+        "retry_slot",
+        "router",
+        "sent",
+        "started_at",
+        "stats_row",
+        "target",
+        "tried",
+        "unsent",
+        "upstream",
+        "waiting",
+    )
+    # Set by the router's first pick, before anything can end the call: where it was routed,
+    # and when it started (loop time).
+    target: TargetPool | None
+    started_at: float
+
+    def __init__(
+        self,
+        client: ClientSide,
+        stream_id: int,
+        headers: HeaderList,
+        end_stream: bool,
+        router: CallRouter,
+    ) -> None:
+        self.client = client
+        self.csid = stream_id
+        self.headers = headers
+        self.request_ended = end_stream
+        self.request_trailers: HeaderList | None = None
+        self.router = router
+        self.phase = ROUTING
+        self.upstream: BackendSide | None = None
+        self.endpoint: Endpoint | None = None
+        self.bsid = 0
+        self.unsent: list[bytes] = []  # request bytes not yet handed to a backend stream
+        self.replay: list[bytes] | None = []  # handed over on this attempt, kept for a retry
+        self.replay_len = 0
+        self.sent = 0  # bytes written to the backend on this attempt
+        self.acked = 0  # bytes acknowledged to the client, over all attempts
+        self.holding = False  # counted as in flight at self.endpoint
+        self.attempts = 0
+        self.tried: set[str] = set()
+        self.errors: list[str] = []
+        # The pool queue it waits in (written by WaitQueue only).
+        self.waiting: WaitQueue | None = None
+        path = b""
+        for name, value in headers:
+            if name == b":path":
+                path = value
+                break
+        self.path = path
+        self.request_bytes = 0  # DATA payload from the client, over all attempts
+        self.response_bytes = 0  # DATA payload from the backend
+        self.retry_slot = False  # holds a place in the retry budget until it ends
+        self.stats_row: list[float] | None = None  # its CallStats row, from its first pick
+
+    # ------------------------------------------------------------------ choosing a backend
+
+    def start(self) -> None:
+        picked = self.router.pick(self)
+        if isinstance(picked, Refusal):
+            self.fail(picked.status, picked.message)
+            return
+        self.attempts += 1
+        self.endpoint = picked
+        self.tried.add(picked.address)
+        self.router.attach(picked, self)
+
+    def retry_or_fail(self, reason: str, kind: str) -> None:
+        """The attempt reached no application code: try another backend, if allowed.
+        `kind` names the failure in a word or two, for the retry counters."""
+        if self.phase == DONE:
+            return
+        self.phase = ROUTING
+        address = self.endpoint.address if self.endpoint else "?"
+        self.errors.append(f"{address}: {reason}")
+        self.router.release(self)
+        self.upstream = None
+        self.bsid = 0
+        if self.replay is None:
+            self.fail(
+                Status.UNAVAILABLE,
+                f"backend {address} refused the call ({reason}) and the "
+                "request was too large to replay on another backend",
+            )
+            return
+        if self.replay:
+            self.unsent[:0] = self.replay
+            self.replay = []
+            self.replay_len = 0
+        self.sent = 0
+        if self.attempts >= self.router.max_attempts:
+            self.fail(Status.UNAVAILABLE, self.no_backend_message())
+            return
+        picked = self.router.pick(self)
+        if isinstance(picked, Refusal):
+            self.fail(picked.status, picked.message if picked.final else self.no_backend_message())
+            return
+        refused = self.router.retry(self, kind)
+        if refused is not None:
+            self.fail(refused.status, refused.message)
+            return
+        self.attempts += 1
+        self.endpoint = picked
+        self.tried.add(picked.address)
+        self.router.attach(picked, self)
+
+    def no_backend_message(self) -> str:
+        return (
+            "no backend reachable for "
+            + self.path.decode("latin-1")
+            + ": "
+            + "; ".join(self.errors)
+        )
+
+    # ------------------------------------------------------------------ backend side events
+
+    def on_stream_opened(self, upstream: BackendSide, bsid: int) -> None:
+        """The backend stream exists (its HEADERS are queued): send what the client sent."""
+        self.phase = STREAMING
+        self.upstream = upstream
+        self.bsid = bsid
+        if self.unsent:
+            chunks, self.unsent = self.unsent, []
+            last = len(chunks) - 1
+            for i, chunk in enumerate(chunks):
+                self._send_request_bytes(
+                    chunk, self.request_ended and i == last and self.request_trailers is None
+                )
+        if self.request_trailers is not None:
+            upstream.h2.send_headers(bsid, self.request_trailers, True)
+
+    def _send_request_bytes(self, data: bytes, end_stream: bool) -> None:
+        up = self.upstream
+        assert up is not None
+        if self.replay is not None:
+            self.replay_len += len(data)
+            if self.replay_len <= self.router.replay_limit:
+                self.replay.append(data)
+            else:
+                self.replay = None  # too big to replay: a refusal now fails the call
+        flushed = up.h2.send_data(self.bsid, data, end_stream)
+        if flushed:
+            self.on_upstream_flushed(flushed)
+        up.mark()
+
+    def on_upstream_flushed(self, length: int) -> None:
+        """Request bytes left for the backend: the client may send that much more."""
+        self.sent += length
+        if self.sent > self.acked:
+            self.client.h2.ack_data(self.csid, self.sent - self.acked)
+            self.acked = self.sent
+            self.client.mark()
+
+    def on_response_headers(self, headers: HeaderList, end_stream: bool) -> None:
+        self.phase = RESPONDING
+        self.replay = None
+        self.client.h2.send_headers(self.csid, headers, end_stream)
+        self.client.mark()
+        if end_stream:  # trailers-only: the status is in these headers
+            self._finish(grpc_status_of(headers), True)
+
+    def on_response_data(self, data: bytes, end_stream: bool) -> None:
+        self.response_bytes += len(data)
+        client = self.client
+        flushed = client.h2.send_data(self.csid, data, end_stream)
+        if flushed:
+            self.on_client_flushed(flushed)
+        client.mark()
+        if end_stream:
+            # No trailers: gRPC clients fail such a call as INTERNAL.
+            self._finish(INTERNAL, True)
+
+    def on_response_trailers(self, headers: HeaderList) -> None:
+        self.client.h2.send_headers(self.csid, headers, True)
+        self.client.mark()
+        self._finish(grpc_status_of(headers), True)
+
+    def on_backend_reset(self, code: int, remote: bool) -> None:
+        if remote and self.endpoint is not None:
+            self.router.backend_failed(self.endpoint.address)
+        if remote and code == ErrorCode.REFUSED_STREAM and self.phase != RESPONDING:
+            self.retry_or_fail("refused the stream (REFUSED_STREAM)", "refused_stream")
+            return
+        who = "backend" if remote else "proxy"
+        self.fail(
+            status_for_reset(code),
+            f"{who} reset the stream ({error_code_name(code)}) at {self._backend_name()}",
+        )
+
+    def on_upstream_lost(self, reason: str) -> None:
+        self.fail(Status.UNAVAILABLE, f"backend {self._backend_name()} {reason}")
+
+    def _backend_name(self) -> str:
+        return self.endpoint.address if self.endpoint else "?"
+
+    # ------------------------------------------------------------------ client side events
+
+    def on_request_data(self, data: bytes, end_stream: bool) -> None:
+        self.request_bytes += len(data)
+        if end_stream:
+            self.request_ended = True
+        if self.upstream is None:
+            if data:
+                self.unsent.append(data)
+            return
+        self._send_request_bytes(data, end_stream)
+
+    def on_request_trailers(self, headers: HeaderList) -> None:
+        self.request_ended = True
+        if self.upstream is None:
+            self.request_trailers = headers
+            return
+        self.upstream.h2.send_headers(self.bsid, headers, True)
+        self.upstream.mark()
+
+    def on_client_flushed(self, length: int) -> None:
+        """Response bytes reached the client's socket: the backend may send that much more."""
+        up = self.upstream
+        if up is not None and self.bsid:
+            up.h2.ack_data(self.bsid, length)
+            up.mark()
+
+    def on_client_reset(self, code: int) -> None:
+        """The client cancelled (RST_STREAM) or went away: cancel the backend stream."""
+        if self.phase == DONE:
+            return
+        self.phase = DONE
+        self.router.call_ended(self, CANCELLED, False)
+        if self.waiting is not None:
+            self.waiting.withdraw(self)
+        up = self.upstream
+        if up is not None:
+            up.cancel(self)
+
+    # ------------------------------------------------------------------ ending
+
+    def fail(self, status: Status, message: str) -> None:
+        """End the call with a gRPC error of the proxy's own, and let the backend stream go."""
+        if self.phase == DONE:
+            return
+        h2 = self.client.h2
+        if self.phase == RESPONDING:
+            h2.send_headers(self.csid, trailers(status, message), True)
+        else:
+            h2.send_headers(self.csid, trailers_only(status, message), True)
+        self.client.mark()
+        up = self.upstream
+        if up is not None:
+            up.cancel(self)
+        self._finish(status, False)
+
+    def _finish(self, status: int, answered: bool) -> None:
+        self.phase = DONE
+        self.replay = None
+        self.router.call_ended(self, status, answered)
+        self.client.call_finished(self.csid)

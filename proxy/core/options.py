@@ -1,0 +1,44 @@
+"""The runtime's options, with their defaults written once.
+
+The config model (proxy.app.config) takes its defaults from these objects and builds them from
+the settings of the same names (`ServeConfig.server_options()`); the runtime takes them as they
+are. Durations are in seconds, as every setting is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from proxy.core.units import SECONDS
+
+# Where the proxy listens unless told: loopback only (nothing beyond it unless asked).
+DEFAULT_LISTEN: Final = ("127.0.0.1", 50051)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    max_retries: int = 2  # other backends tried for a call that reached no backend code
+    replay_limit: int = 256 * 1024  # request bytes kept for such a retry
+    connect_timeout: float = 5 * SECONDS
+    max_connections_per_backend: int = 16
+    # Retries in flight <= max(min, percent % of calls in flight) (see retry_budget.py).
+    retry_budget_percent: float = 20.0
+    retry_budget_min: int = 3
+    # Passive outlier detection (see proxy/core/outlier.py); 0 failures: off.
+    outlier_consecutive_failures: int = 5
+    outlier_base_ejection: float = 30 * SECONDS
+    outlier_max_ejection: float = 300 * SECONDS
+    outlier_max_ejection_percent: float = 10.0
+    access_log_sample: float = 1.0  # share of calls logged on "proxy.access"; 0: off
+    tls_handshake_timeout: float = 5 * SECONDS
+    tls_max_pending_handshakes: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckOptions:
+    """Active health checks (grpc.health.v1), when turned on."""
+
+    interval: float = 5 * SECONDS
+    timeout: float = 1 * SECONDS
+    service: str = ""

@@ -1,6 +1,0 @@
-"""Echo gRPC service used by the proxy's tests, demo and load tests.
-
-The generated code lives in :mod:`proxy.echo.echo_pb2` / :mod:`proxy.echo.echo_pb2_grpc`
-(regenerate with ``protos/generate.sh``); the servicer and ``serve()`` live in
-:mod:`proxy.echo.server`.
-"""

@@ -1,0 +1,1 @@
+"""What operators read: the admin endpoint, metrics, the workers' admin, the container probe."""

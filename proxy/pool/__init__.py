@@ -1,1 +1,0 @@
-"""Backends: the endpoints of each target (from static flags or etcd) and pooled connections."""

@@ -1,1 +1,0 @@
-"""The relay: binds each client stream to a backend stream and moves bytes between them."""

@@ -1,0 +1,1 @@
+"""asyncio adapters around the core: listeners, client and backend connections, the pool."""
