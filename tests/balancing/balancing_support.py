@@ -8,8 +8,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from proxy.balancing import Balancer, NoPick
-from proxy.pool.endpoints import Endpoint, PoolSnapshot
+from proxy.core.balancing import Balancer, NoPick
+from proxy.core.endpoints import Endpoint, PoolSnapshot
 
 TARGET = "svc"
 

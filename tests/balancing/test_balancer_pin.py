@@ -9,8 +9,8 @@ from collections.abc import Callable, Container
 import pytest
 from balancing_support import address, endpoint, picked, pool, snapshot
 
-from proxy.balancing import Balancer, NoPick, NoPickKind
-from proxy.pool.endpoints import Endpoint
+from proxy.core.balancing import Balancer, NoPick, NoPickKind
+from proxy.core.endpoints import Endpoint
 
 PIN = b"x-instance"
 SESSION = b"x-session"

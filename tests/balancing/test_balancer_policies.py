@@ -10,12 +10,12 @@ from collections.abc import Callable, Container, Mapping, Sequence
 import pytest
 from balancing_support import address, endpoint, picked, pool, simulate, snapshot
 
-import proxy.balancing.balancer as balancer_module
-from proxy.balancing import Balancer, NoPick, NoPickKind
-from proxy.balancing.balancer import NO_CALLS
-from proxy.balancing.ring import HashRing
-from proxy.balancing.table import PoolTable
-from proxy.pool.endpoints import Endpoint, PoolSnapshot
+import proxy.core.balancing.balancer as balancer_module
+from proxy.core.balancing import Balancer, NoPick, NoPickKind
+from proxy.core.balancing.balancer import NO_CALLS
+from proxy.core.balancing.ring import HashRing
+from proxy.core.balancing.table import PoolTable
+from proxy.core.endpoints import Endpoint, PoolSnapshot
 
 POLICIES = ["round_robin", "least_request", "random"]
 WEIGHTS_123 = [1, 2, 3]

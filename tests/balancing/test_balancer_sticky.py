@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 import pytest
 from balancing_support import address, endpoint, picked, pool, snapshot
 
-from proxy.balancing import Balancer, NoPick, NoPickKind
-from proxy.balancing.ring import VNODES, HashRing, endpoint_points, key_hash
-from proxy.pool.endpoints import Endpoint, PoolSnapshot
+from proxy.core.balancing import Balancer, NoPick, NoPickKind
+from proxy.core.balancing.ring import VNODES, HashRing, endpoint_points, key_hash
+from proxy.core.endpoints import Endpoint, PoolSnapshot
 
 SESSION = b"x-session"
 KEYS = [f"session-{i}".encode() for i in range(10_000)]

@@ -14,8 +14,8 @@ from balancing_support import pool
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.balancing.policies import SmoothWeightedRoundRobin
-from proxy.balancing.table import PoolTable
+from proxy.core.balancing.policies import SmoothWeightedRoundRobin
+from proxy.core.balancing.table import PoolTable
 
 
 class NginxReference:

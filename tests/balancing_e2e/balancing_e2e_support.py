@@ -18,7 +18,7 @@ import grpc
 from backends import echo_stub
 from etcd_support import EtcdServer
 
-from proxy.echo import echo_pb2
+from proxy_examples.echo import echo_pb2
 
 Metadata = Sequence[tuple[str, str]]
 CALL_TIMEOUT_S = 10.0

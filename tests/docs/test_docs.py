@@ -1,7 +1,7 @@
 """The documentation site builds, and its settings reference is the code's.
 
 `mkdocs build --strict` fails on a broken link or anchor and on a page left out of the nav.
-The settings tables are generated from `proxy.config.SETTINGS` by docs/hooks/settings.py; the
+The settings tables are generated from `proxy.app.config.SETTINGS` by docs/hooks/settings.py; the
 checks here read the built page, so a setting added to the code without reaching the page, or
 a table copied into the page by hand, fails.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import SETTINGS, Setting
+from proxy.app.config import SETTINGS, Setting
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS_SOURCE = REPO / "docs" / "reference" / "settings.md"

@@ -28,10 +28,10 @@ from backends import (
 from proxy_process import start_proxy
 from relay_support import ProxyFactory, wait_until
 
-from proxy.echo import echo_pb2_grpc
-from proxy.echo.echo_pb2 import EchoRequest, EchoResponse
-from proxy.echo.echo_pb2_grpc import EchoStub
-from proxy.echo.server import SERVER_OPTIONS, EchoServer, EchoServicer, status_details
+from proxy_examples.echo import echo_pb2_grpc
+from proxy_examples.echo.echo_pb2 import EchoRequest, EchoResponse
+from proxy_examples.echo.echo_pb2_grpc import EchoStub
+from proxy_examples.echo.server import SERVER_OPTIONS, EchoServer, EchoServicer, status_details
 
 KINDS = ["unary", "server_streaming", "client_streaming", "bidi_streaming"]
 

@@ -19,8 +19,8 @@ from backends import EchoBackendsFactory, EchoSubprocessFactory, echo_stub
 from relay_support import ClosedPortFactory, ProxyFactory
 from scripted_h2_backend import RESET_CODE_HEADER, Behaviour, running_scripted_backend
 
-from proxy.echo.echo_pb2 import EchoRequest
-from proxy.echo.echo_pb2_grpc import EchoStub
+from proxy_examples.echo.echo_pb2 import EchoRequest
+from proxy_examples.echo.echo_pb2_grpc import EchoStub
 
 FAST_S = 5.0  # "fails fast instead of hanging": far above a healthy run, far below a hang
 

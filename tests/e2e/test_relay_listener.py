@@ -27,7 +27,7 @@ from relay_support import (
     read_until_eof,
 )
 
-from proxy.echo.echo_pb2 import EchoRequest
+from proxy_examples.echo.echo_pb2 import EchoRequest
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PING_FRAME = struct.pack(">I", 8)[1:] + bytes([0x6, 0]) + struct.pack(">I", 0) + b"12345678"

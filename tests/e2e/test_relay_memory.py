@@ -21,9 +21,9 @@ import pytest
 from backends import EchoSubprocessFactory, echo_stub
 from relay_support import MiB, ProxyFactory, RunningProxy
 
-from proxy.echo import echo_pb2_grpc
-from proxy.echo.echo_pb2 import EchoRequest
-from proxy.echo.server import SERVER_OPTIONS, EchoServicer
+from proxy_examples.echo import echo_pb2_grpc
+from proxy_examples.echo.echo_pb2 import EchoRequest
+from proxy_examples.echo.server import SERVER_OPTIONS, EchoServicer
 
 LARGE = 64 * MiB
 GROWTH_LIMIT = 32 * MiB

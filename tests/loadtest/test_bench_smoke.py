@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from tools import missing_tool, tool_env
 
-from proxy.balancing.policies import POLICIES
+from proxy.core.balancing.policies import POLICIES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # loadtest/ is not an installed package
