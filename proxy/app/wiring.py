@@ -388,9 +388,12 @@ async def serve(cfg: ServeConfig, flags: dict[str, Any], role: WorkerRole | None
             await stack.enter_async_context(discovery)
         pools = Pools(discovery)
         server = ProxyServer(
-            pools.router(cfg), limits_of(cfg), cfg.server_options(), balancer_of(cfg)
+            pools.router(cfg),
+            limits_of(cfg),
+            cfg.server_options(),
+            balancer_of(cfg),
+            discovery=discovery,
         )
-        server.discovery = discovery
         apply_tls(server, cfg, contexts)
         stack.push_async_callback(server.close)
         if role is not None:

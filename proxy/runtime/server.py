@@ -33,6 +33,7 @@ class ProxyServer:
         limits: Limits | None = None,
         options: ServerOptions | None = None,
         balancer: Balancer | None = None,
+        discovery: EtcdDiscovery | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.limits = limits or Limits()
@@ -44,8 +45,9 @@ class ProxyServer:
         self.listeners = Listeners(
             self.dispatcher, self.flusher, self.limits, self.options, self.loop
         )
-        # Set by whoever runs discovery, so the admin endpoint can report the watches.
-        self.discovery: EtcdDiscovery | None = None
+        # The etcd discovery that feeds the router's pools, if any: the admin endpoint reports
+        # its watches.
+        self.discovery = discovery
         # Set once the listener is bound and the signal handlers are in (run_until_stopped):
         # before that /readyz says "starting", so that a readiness probe, or a supervisor
         # about to pass on a SIGHUP, does not take an admin answer for a process that serves.
