@@ -29,6 +29,18 @@ class _NamedPrintLogger(structlog.PrintLogger):
     def __init__(self, file: TextIO, name: str) -> None:
         super().__init__(file)
         self.name = name
+        self._out = file
+
+    def msg(self, message: str) -> None:
+        # One write of the whole line: print() writes the text and the newline apart, and
+        # workers sharing the supervisor's stderr pipe then glued each other's lines together
+        # (a write of up to PIPE_BUF bytes to a pipe is atomic; two writes are not).
+        with self._lock:
+            self._out.write(message + "\n")
+            self._out.flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
 
 
 class _LoggerFactory:
