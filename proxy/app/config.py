@@ -120,6 +120,10 @@ class ServeConfig:
     max_concurrent_streams: int = _LIMITS.max_concurrent_streams
     max_header_list_size: int = _LIMITS.max_header_list_size
     stream_window: int = _LIMITS.stream_window
+    buffer_budget: int = _OPTIONS.buffer_budget
+    connection_buffer: int = _OPTIONS.connection_buffer
+    base_stream_window: int = _OPTIONS.base_stream_window
+    stalled_stream_timeout: float = _OPTIONS.stalled_stream_timeout
     max_retries: int = _OPTIONS.max_retries
     retry_budget_percent: float = _OPTIONS.retry_budget_percent
     retry_budget_min: int = _OPTIONS.retry_budget_min
@@ -562,6 +566,43 @@ SETTINGS: tuple[Setting, ...] = (
         positive_int,
         "per-stream flow-control window, the most buffered per stream and direction",
         metavar="BYTES",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "buffer_budget",
+        positive_int,
+        "response bytes the whole process may hold for clients that do not read (queued, "
+        "plus backend windows granted); past 90 % new streams get REFUSED_STREAM, past all of "
+        "it the connections holding the most get GOAWAY(ENHANCE_YOUR_CALM)",
+        metavar="BYTES",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "connection_buffer",
+        positive_int,
+        "what one client connection may hold of the buffer budget: past it, its calls' "
+        "backend streams get no window beyond --base-stream-window",
+        metavar="BYTES",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "base_stream_window",
+        positive_int,
+        "the window every backend stream starts with; a call grows it to --stream-window "
+        "while its connection and the process are under their buffer limits",
+        metavar="BYTES",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "stalled_stream_timeout",
+        positive_seconds,
+        "a stream whose client gives no window while the proxy holds data for it is reset "
+        "after this long, and its backend stream cancelled",
+        metavar="SECONDS",
         kind="number",
         group="limits",
     ),

@@ -111,6 +111,11 @@ def check_serve(cfg: ServeConfig) -> None:
             f"which runs the checks, has no such option): drop {name('backend_tls_skip_verify')}"
             " or the health checks"
         )
+    if cfg.base_stream_window > cfg.stream_window:
+        raise ConfigError(
+            f"serve: {name('base_stream_window')} ({cfg.base_stream_window}) must not be "
+            f"above {name('stream_window')} ({cfg.stream_window}): calls grow it up to that"
+        )
     problem = etcd_problem(cfg, cfg.etcd, name)
     if problem:
         raise ConfigError(f"serve: {problem}")

@@ -69,11 +69,14 @@ class Call:
         "csid",
         "endpoint",
         "errors",
+        "granted",
+        "granted_in",
         "headers",
         "holding",
         "path",
         "phase",
         "replay",
+        "replay_held",
         "replay_len",
         "request_bytes",
         "request_ended",
@@ -116,6 +119,7 @@ class Call:
         self.unsent: list[bytes] = []  # request bytes not yet handed to a backend stream
         self.replay: list[bytes] | None = []  # handed over on this attempt, kept for a retry
         self.replay_len = 0
+        self.replay_held = 0  # the copy's bytes, counted in the buffer budget
         self.sent = 0  # bytes written to the backend on this attempt
         self.acked = 0  # bytes acknowledged to the client, over all attempts
         self.holding = False  # counted as in flight at self.endpoint
@@ -134,6 +138,8 @@ class Call:
         self.response_bytes = 0  # DATA payload from the backend
         self.retry_slot = False  # holds a place in the retry budget until it ends
         self.stats_row: list[float] | None = None  # its CallStats row, from its first pick
+        self.granted = 0  # backend window granted beyond the base (see proxy.core.buffers)
+        self.granted_in = 0  # the same for the client's request stream
 
     # ------------------------------------------------------------------ choosing a backend
 
@@ -160,6 +166,7 @@ class Call:
             self.fail(Status.UNAVAILABLE, f"backend {address} {reason} after responding")
             return
         self.phase = ROUTING
+        self._release_window()
         self.errors.append(f"{address}: {reason}")
         self.router.release(self)
         self.upstream = None
@@ -175,6 +182,7 @@ class Call:
             self.unsent[:0] = self.replay
             self.replay = []
             self.replay_len = 0
+            self._release_replay()
         self.sent = 0
         if self.attempts >= self.router.max_attempts:
             self.fail(Status.UNAVAILABLE, self.no_backend_message())
@@ -222,10 +230,16 @@ class Call:
         assert up is not None
         if self.replay is not None:
             self.replay_len += len(data)
-            if self.replay_len <= self.router.replay_limit:
+            # The copy is memory held for the client: it counts in the buffer budget, and
+            # when that has no room the call gives up its replay rather than the process.
+            if self.replay_len <= self.router.replay_limit and self.client.buffer.hold(
+                len(data), self.client.h2.queued
+            ):
                 self.replay.append(data)
+                self.replay_held += len(data)
             else:
                 self.replay = None  # too big to replay: a refusal now fails the call
+                self._release_replay()
         flushed = up.h2.send_data(self.bsid, data, end_stream)
         if flushed:
             self.on_upstream_flushed(flushed)
@@ -242,6 +256,7 @@ class Call:
     def on_response_headers(self, headers: HeaderList, end_stream: bool) -> None:
         self.phase = RESPONDING
         self.replay = None
+        self._release_replay()
         self.client.h2.send_headers(self.csid, headers, end_stream)
         self.client.mark()
         if end_stream:  # trailers-only: the status is in these headers
@@ -250,6 +265,8 @@ class Call:
     def on_response_data(self, data: bytes, end_stream: bool) -> None:
         self.response_bytes += len(data)
         client = self.client
+        if not self.granted and self.response_bytes > client.buffer.ask_after:
+            self._ask_for_window()
         flushed = client.h2.send_data(self.csid, data, end_stream)
         if flushed:
             self.on_client_flushed(flushed)
@@ -257,6 +274,47 @@ class Call:
         if end_stream:
             # No trailers: gRPC clients fail such a call as INTERNAL.
             self._finish(INTERNAL, True)
+
+    def _ask_for_window(self) -> None:
+        """A response longer than half the base window: grow the backend stream's window
+        to the full one, if the client connection and the process have room."""
+        up = self.upstream
+        if up is None or not self.bsid:
+            return
+        buffer = self.client.buffer
+        n = buffer.grant(buffer.want, self.client.h2.queued)
+        if n:
+            self.granted = n
+            up.h2.grant(self.bsid, n)
+            up.mark()
+
+    def _ask_for_request_window(self) -> None:
+        """A request longer than half the base window: grow the client stream's window."""
+        client = self.client
+        buffer = client.buffer
+        n = buffer.grant(buffer.want, client.h2.queued)
+        if n:
+            self.granted_in = n
+            client.h2.grant(self.csid, n)
+            client.mark()
+
+    def _release_window(self) -> None:
+        """The backend stream is over: its grant goes back to the budget."""
+        if self.granted:
+            self.client.buffer.release(self.granted)
+            self.granted = 0
+
+    def _release_replay(self) -> None:
+        if self.replay_held:
+            self.client.buffer.release(self.replay_held)
+            self.replay_held = 0
+
+    def _release_windows(self) -> None:
+        """The call is over: both streams' grants go back."""
+        self._release_window()
+        if self.granted_in:
+            self.client.buffer.release(self.granted_in)
+            self.granted_in = 0
 
     def on_response_trailers(self, headers: HeaderList) -> None:
         self.client.h2.send_headers(self.csid, headers, True)
@@ -285,6 +343,12 @@ class Call:
 
     def on_request_data(self, data: bytes, end_stream: bool) -> None:
         self.request_bytes += len(data)
+        if (
+            not self.granted_in
+            and not end_stream
+            and self.request_bytes > self.client.buffer.ask_after
+        ):
+            self._ask_for_request_window()
         if end_stream:
             self.request_ended = True
         if self.upstream is None:
@@ -313,6 +377,7 @@ class Call:
         if self.phase == DONE:
             return
         self.phase = DONE
+        self._release_windows()
         self.router.call_ended(self, CANCELLED, False)
         if self.waiting is not None:
             self.waiting.withdraw(self)
@@ -341,6 +406,8 @@ class Call:
 
     def _finish(self, status: int, answered: bool) -> None:
         self.phase = DONE
+        self._release_windows()
         self.replay = None
+        self._release_replay()
         self.router.call_ended(self, status, answered)
         self.client.call_finished(self.csid)

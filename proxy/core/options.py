@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from proxy.core.buffers import (
+    DEFAULT_BASE_STREAM_WINDOW,
+    DEFAULT_BUFFER_BUDGET,
+    DEFAULT_CONNECTION_BUFFER,
+)
 from proxy.core.units import SECONDS
 
 # Where the proxy listens unless told: loopback only (nothing beyond it unless asked).
@@ -33,6 +38,13 @@ class ServerOptions:
     access_log_sample: float = 1.0  # share of calls logged on "proxy.access"; 0: off
     tls_handshake_timeout: float = 5 * SECONDS
     tls_max_pending_handshakes: int = 1024
+    # Overload (see proxy/core/buffers.py): bytes held for clients, process-wide and per client
+    # connection; the window every backend stream gets before any grant; and how long a stream
+    # may hold data its client gives no window for before it is reset.
+    buffer_budget: int = DEFAULT_BUFFER_BUDGET
+    connection_buffer: int = DEFAULT_CONNECTION_BUFFER
+    base_stream_window: int = DEFAULT_BASE_STREAM_WINDOW
+    stalled_stream_timeout: float = 30 * SECONDS
 
 
 @dataclass(frozen=True, slots=True)

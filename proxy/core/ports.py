@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from proxy.core.grpc_status import Status
 
 if TYPE_CHECKING:
+    from proxy.core.buffers import ConnectionBuffer
     from proxy.core.call import Call
     from proxy.core.endpoints import Endpoint
     from proxy.core.h2.connection import Connection
@@ -28,6 +29,7 @@ class ClientSide(Protocol):
     h2: Connection
     peer: str
     identity: Identity | None  # what a verified client certificate names
+    buffer: ConnectionBuffer  # its share of the buffer budget: grants of backend windows
 
     def mark(self) -> None: ...
 

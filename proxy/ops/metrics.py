@@ -70,6 +70,8 @@ class Snapshot:
     backend_connections: list[tuple[str, dict[str, int]]]  # address -> connections per state
     limits_tripped: list[tuple[str, int]]
     tls_handshake_failures: list[tuple[str, int]]
+    overload: list[tuple[str, int]]
+    buffered_bytes: list[tuple[str, int]]
     draining: bool
     started_at: float
 
@@ -123,6 +125,11 @@ def snapshot(server: ProxyServer) -> Snapshot:
         backend_connections=backend_connections,
         limits_tripped=list(server.listeners.connection_errors.items()),
         tls_handshake_failures=list(server.listeners.tls_failures.items()),
+        overload=list(server.listeners.overload.items()),
+        buffered_bytes=[
+            ("queued", server.listeners.meter.queued),
+            ("granted", server.listeners.meter.granted),
+        ],
         draining=server.draining,
         started_at=server.started_at,
     )
@@ -321,6 +328,21 @@ def _connections(snap: Snapshot) -> Iterator[Metric]:
         "tls_error, closed.",
         ["kind"],
         (((kind,), n) for kind, n in snap.tls_handshake_failures),
+    )
+    yield _counter(
+        "grpc_proxy_overload_total",
+        "What the buffer budget made the proxy shed, by action: refused_stream (a new stream "
+        "refused near the budget), stalled_stream (a stream reset after its client gave no "
+        "window for --stalled-stream-timeout), goaway (a connection closed over the budget).",
+        ["action"],
+        (((action,), n) for action, n in snap.overload),
+    )
+    yield _gauge(
+        "grpc_proxy_buffered_bytes",
+        "Response bytes held for clients against --buffer-budget: queued (waiting for a "
+        "client's window) and granted (backend stream windows beyond the base).",
+        ["kind"],
+        (((kind,), n) for kind, n in snap.buffered_bytes),
     )
 
 

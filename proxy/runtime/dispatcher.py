@@ -9,6 +9,7 @@ detection, the retry budget, calls in flight per backend, and the call stats. It
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from bisect import bisect_left
 from collections.abc import Callable
 from random import random
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from proxy.core.balancing import Balancer, NoPick, NoPickKind
+from proxy.core.buffers import BufferMeter
 from proxy.core.call import Call
 from proxy.core.endpoints import Endpoint, PoolSnapshot, TargetPool
 from proxy.core.grpc_status import UNAVAILABLE, Status
@@ -57,16 +59,20 @@ class Dispatcher:
         balancer: Balancer | None,
         flusher: Flusher,
         loop: asyncio.AbstractEventLoop,
+        meter: BufferMeter | None = None,
     ) -> None:
         self.loop = loop
         self.router = router
         self.options = options
         self.pool = BackendPool(
             flusher,
-            limits,
+            # Backend streams start with the base window; a call grows its stream's window
+            # to the full one while the buffer budget allows (proxy/core/buffers.py).
+            dataclasses.replace(limits, stream_window=options.base_stream_window),
             connect_timeout_s=options.connect_timeout,
             max_connections_per_backend=options.max_connections_per_backend,
             on_failure=self.backend_failed,
+            meter=meter,
         )
         self.outliers = OutlierDetector(
             options.outlier_consecutive_failures,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 
+from proxy.core.buffers import SHED_AT, ConnectionBuffer
 from proxy.core.call import Call
 from proxy.core.grpc_status import Status
 from proxy.core.h2.connection import Connection, Role
@@ -41,6 +42,7 @@ from proxy.runtime.tls import ALPN_H2
 if TYPE_CHECKING:
     from collections import Counter
 
+    from proxy.core.buffers import BufferMeter
     from proxy.core.h2.limits import Limits
     from proxy.core.identity import Identity
     from proxy.core.ports import CallRouter
@@ -83,6 +85,11 @@ class ListenerContext(Protocol):
     router: CallRouter  # where its calls are routed
     flusher: Flusher
     limits: Limits
+    client_limits: Limits  # `limits` with the base stream window, as client codecs use it
+    meter: BufferMeter  # bytes held for clients, process-wide
+    connection_buffer: int  # what one connection may hold (grants and queues)
+    base_stream_window: int
+    overload: Counter[str]  # what the proxy shed, by action
     loop: asyncio.AbstractEventLoop
     connections: set[Downstream]  # the open client connections
     draining: bool
@@ -96,6 +103,20 @@ class Downstream(H2Protocol):
         super().__init__(listener.flusher)
         self.listener = listener
         self.router = listener.router
+        meter = listener.meter
+        self.meter = meter
+        # Made here, not on connect, so that every path to connection_lost finds it.
+        self.h2 = Connection(Role.SERVER, listener.client_limits, meter=meter)
+        self._shed_at = meter.budget * SHED_AT
+        self.buffer = ConnectionBuffer(
+            meter,
+            listener.connection_buffer,
+            listener.base_stream_window,
+            listener.limits.stream_window,
+        )
+        # Streams holding data their client gives no window for: stream id -> (queued
+        # bytes, send window, since when), updated by the listener's sweep (`stalled`).
+        self._stall_marks: dict[int, tuple[int, int, float]] = {}
         self.calls: dict[int, Call] = {}
         self.peer = "?"
         # What the client's verified certificate names (a TLS listener that requires one).
@@ -128,7 +149,6 @@ class Downstream(H2Protocol):
                 transport.close()
                 return
             self.identity = identity_of(ssl_object.getpeercert())
-        self.h2 = Connection(Role.SERVER, self.listener.limits)
         self.listener.connections.add(self)
         self.mark()
         if self.listener.draining:  # accepted just before the listener closed
@@ -167,6 +187,12 @@ class Downstream(H2Protocol):
                     call = calls.get(ev.stream_id)
                     if call is not None:
                         call.on_request_trailers(ev.headers)
+                elif self.h2.queued and self.meter.queued + self.meter.granted > self._shed_at:
+                    # Near the buffer budget, a connection that leaves bytes unread gets no new
+                    # streams (REFUSED_STREAM: never processed, safe to retry). Connections that
+                    # read what they get are not refused: they hold nothing.
+                    self.h2.reset_stream(ev.stream_id, ErrorCode.REFUSED_STREAM)
+                    self.listener.overload["refused_stream"] += 1
                 else:
                     call = Call(self, ev.stream_id, ev.headers, ev.end_stream, self.router)
                     calls[ev.stream_id] = call
@@ -290,6 +316,58 @@ class Downstream(H2Protocol):
         calls, self.calls = self.calls, {}
         for call in calls.values():
             call.on_client_reset(0x8)
+        self.h2.discard_queued()  # never to be sent: out of the buffer budget
+
+    def reset_stalled(self, now: float, timeout_s: float) -> int:
+        """Reset the streams that have held queued data, with no window from the client, for
+        `timeout_s` (their backend streams are cancelled); returns how many."""
+        h2 = self.h2
+        marks = self._stall_marks
+        if not h2.queued:
+            marks.clear()
+            return 0
+        seen: dict[int, tuple[int, int, float]] = {}
+        stalled = []
+        for sid, st in h2.streams.items():
+            if not st.pending_len:
+                continue
+            state = (st.pending_len, st.send_window)
+            mark = marks.get(sid)
+            since = mark[2] if mark is not None and mark[:2] == state else now
+            seen[sid] = (*state, since)
+            if now - since >= timeout_s:
+                stalled.append(sid)
+        self._stall_marks = seen
+        for sid in stalled:
+            log.warning(
+                "stalled_stream_reset",
+                peer=self.peer,
+                stream_id=sid,
+                queued_bytes=h2.streams[sid].pending_len,
+                stalled_s=round(now - seen[sid][2], 1),
+            )
+            h2.reset_stream(sid, ErrorCode.CANCEL)
+            call = self.calls.pop(sid, None)
+            if call is not None:
+                call.on_client_reset(ErrorCode.CANCEL)
+            seen.pop(sid, None)
+        if stalled:
+            self.mark()
+        return len(stalled)
+
+    def shed(self) -> None:
+        """The process is over its buffer budget and this connection holds the most: its
+        calls are cancelled (their backend streams reset), and it gets GOAWAY
+        (ENHANCE_YOUR_CALM) and is closed."""
+        if self.closed:
+            return
+        h2 = self.h2
+        log.warning("buffer_shed", peer=self.peer, queued_bytes=h2.queued, calls=len(self.calls))
+        for sid in list(h2.streams):
+            h2.reset_stream(sid, ErrorCode.ENHANCE_YOUR_CALM)
+        self._drop_calls()
+        h2.goaway(ErrorCode.ENHANCE_YOUR_CALM, debug=b"over the buffer budget")
+        self._abort(h2.data_to_send())
 
     def eof_received(self) -> bool:
         return False  # close our side too

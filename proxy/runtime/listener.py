@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import ssl
@@ -17,6 +18,8 @@ from typing import Final
 
 import structlog
 
+from proxy.core.buffers import SHED_AT, BufferMeter
+from proxy.core.h2 import frames as fr
 from proxy.core.h2.errors import FloodError, H2ConnectionError, TLSOnCleartextError
 from proxy.core.h2.limits import Limits
 from proxy.core.options import ServerOptions
@@ -29,6 +32,8 @@ log = structlog.get_logger("proxy.server")
 
 DRAIN_POLL_S: Final = 0.05
 DRAIN_LINGER_S: Final = 1.0
+# How often the listener looks for stalled streams and, over the budget, connections to shed.
+SWEEP_S: Final = 1.0
 
 
 class Listeners:
@@ -39,6 +44,7 @@ class Listeners:
         limits: Limits,
         options: ServerOptions,
         loop: asyncio.AbstractEventLoop,
+        meter: BufferMeter | None = None,
     ) -> None:
         self.router = router
         self.flusher = flusher
@@ -50,6 +56,20 @@ class Listeners:
         # Failed TLS handshakes on the listeners, by kind (see proxy.runtime.tls_accept).
         self.tls_failures: Counter[str] = Counter()
         self.draining = False
+        # The buffer budget (proxy/core/buffers.py), and what overload made the proxy shed.
+        self.meter = meter or BufferMeter(options.buffer_budget)
+        self.connection_buffer = options.connection_buffer
+        self.base_stream_window = options.base_stream_window
+        # Client streams start with the base window too, but never below HTTP/2's default: a
+        # client may send that much before it has read our SETTINGS (RFC 9113 6.9.2). A call
+        # grows it to the full window (proxy.core.buffers).
+        self.client_limits = dataclasses.replace(
+            limits, stream_window=max(fr.DEFAULT_WINDOW, options.base_stream_window)
+        )
+        self.overload: Counter[str] = Counter()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._shed_soon = False
+        self.meter.on_over = self._over_budget
         self._servers: list[asyncio.Server] = []
         self._tls_listeners: list[TLSListener] = []
         self._unix_paths: list[str] = []
@@ -62,6 +82,44 @@ class Listeners:
         else:
             key = exc.code.name
         self.connection_errors[key] += 1
+
+    def _start_sweeping(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
+
+    def _over_budget(self) -> None:
+        """Over the budget: shed in this loop turn's end, not at the next sweep."""
+        if not self._shed_soon:
+            self._shed_soon = True
+            self.loop.call_soon(self._shed)
+
+    def _shed(self) -> None:
+        """Close the connections holding the most until the bytes held are under SHED_AT."""
+        self._shed_soon = False
+        meter = self.meter
+        if not meter.over():
+            return
+        target = meter.budget * SHED_AT
+        for conn in sorted(self.connections, key=lambda c: c.h2.queued, reverse=True):
+            if meter.used <= target or not conn.h2.queued:
+                break
+            conn.shed()
+            self.overload["goaway"] += 1
+
+    def _sweep(self) -> None:
+        """Once a second: reset streams stalled past the timeout, and when the buffered bytes
+        are over the budget, shed the connections holding the most until back under SHED_AT."""
+        self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
+        now = self.loop.time()
+        timeout = self.options.stalled_stream_timeout
+        meter = self.meter
+        for conn in list(self.connections):
+            if conn.h2.queued:
+                reset = conn.reset_stalled(now, timeout)
+                if reset:
+                    self.overload["stalled_stream"] += reset
+        if meter.over():
+            self._shed()
 
     async def listen(
         self,
@@ -85,6 +143,7 @@ class Listeners:
             backlog=1024,
         )
         self._servers.append(server)
+        self._start_sweeping()
         bound = []
         for sock in server.sockets:
             with_nodelay(sock)
@@ -131,6 +190,7 @@ class Listeners:
             name = sock.getsockname()
             bound.append((name[0], name[1]))
         self._tls_listeners.append(listener)
+        self._start_sweeping()
         log.info("listening", addresses=[f"{h}:{p}" for h, p in bound], tls=True)
         return bound
 
@@ -144,6 +204,7 @@ class Listeners:
         server = await self.loop.create_unix_server(lambda: Downstream(self), path, backlog=1024)
         self._servers.append(server)
         self._unix_paths.append(path)
+        self._start_sweeping()
         log.info("listening", addresses=[f"unix:{path}"], tls=False)
         return path
 
@@ -211,6 +272,9 @@ class Listeners:
         self._unix_paths.clear()
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for server in self._servers:
             server.close()
         self._close_listeners()

@@ -35,6 +35,7 @@ from proxy.runtime.tls import ALPN_H2, UpstreamTLS, UpstreamTLSFiles, handshake_
 from proxy.runtime.upstream import BackendConnection, State
 
 if TYPE_CHECKING:
+    from proxy.core.buffers import BufferMeter
     from proxy.core.call import Call
 
 log = structlog.get_logger("proxy.pool")
@@ -104,7 +105,7 @@ class EndpointConnections:
         self.backlog.add(call)
 
     def _connect(self) -> BackendConnection:
-        conn = BackendConnection(self, self.pool.flusher, self.pool.limits)
+        conn = BackendConnection(self, self.pool.flusher, self.pool.limits, self.pool.meter)
         self.conns.append(conn)
         self.pool.spawn(self._run_connect(conn), f"connect {self.address}")
         return conn
@@ -204,7 +205,9 @@ class BackendPool:
         max_connections_per_backend: int = 16,
         backoff: Backoff | None = None,
         on_failure: Callable[[str], None] | None = None,
+        meter: BufferMeter | None = None,
     ) -> None:
+        self.meter = meter
         self.flusher = flusher
         self.limits = limits
         self.connect_timeout_s = connect_timeout_s

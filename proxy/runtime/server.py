@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from proxy.core.balancing import Balancer
+from proxy.core.buffers import BufferMeter
 from proxy.core.h2.limits import Limits
 from proxy.core.options import ServerOptions
 from proxy.core.routing import Router
@@ -39,11 +40,13 @@ class ProxyServer:
         self.limits = limits or Limits()
         self.options = options or ServerOptions()
         self.flusher = Flusher(self.loop)
+        # What is held for clients, both ways, against the buffer budget (proxy.core.buffers).
+        meter = BufferMeter(self.options.buffer_budget)
         self.dispatcher = Dispatcher(
-            router, self.limits, self.options, balancer, self.flusher, self.loop
+            router, self.limits, self.options, balancer, self.flusher, self.loop, meter
         )
         self.listeners = Listeners(
-            self.dispatcher, self.flusher, self.limits, self.options, self.loop
+            self.dispatcher, self.flusher, self.limits, self.options, self.loop, meter
         )
         # The etcd discovery that feeds the router's pools, if any: the admin endpoint reports
         # its watches.

@@ -31,6 +31,7 @@ from proxy.runtime.flusher import Flusher
 from proxy.runtime.protocol import H2Protocol
 
 if TYPE_CHECKING:
+    from proxy.core.buffers import BufferMeter
     from proxy.core.call import Call
     from proxy.core.ports import ConnectionOwner
 
@@ -47,7 +48,11 @@ class State(Enum):
 
 class BackendConnection(H2Protocol):
     def __init__(
-        self, owner: ConnectionOwner[BackendConnection], flusher: Flusher, limits: Limits
+        self,
+        owner: ConnectionOwner[BackendConnection],
+        flusher: Flusher,
+        limits: Limits,
+        meter: BufferMeter | None = None,
     ) -> None:
         super().__init__(flusher)
         self.owner = owner
@@ -55,7 +60,8 @@ class BackendConnection(H2Protocol):
         self.state = State.CONNECTING
         self.calls: dict[int, Call] = {}
         self.waiting = WaitQueue()  # calls waiting for the handshake
-        self.h2 = Connection(Role.CLIENT, limits)
+        # Request bytes waiting for the backend's windows count in the process's budget.
+        self.h2 = Connection(Role.CLIENT, limits, meter=meter)
         self._handshake_timer: asyncio.TimerHandle | None = None
 
     @property

@@ -54,6 +54,7 @@ class Bystander:
     target: str
     ok: int = 0
     errors: list[str] = field(default_factory=list)
+    slowest_s: float = 0.0  # the longest call of the loop
 
     def __post_init__(self) -> None:
         self.channel = open_channel(self.target)
@@ -69,9 +70,11 @@ class Bystander:
         n = 0
         while not self._stop.is_set():
             n += 1
+            started = time.monotonic()
             try:
                 self.call(f"bystander {n}")
                 self.ok += 1
+                self.slowest_s = max(self.slowest_s, time.monotonic() - started)
             except (grpc.RpcError, AssertionError) as exc:
                 self.errors.append(repr(exc))
             self._stop.wait(0.005)

@@ -29,6 +29,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from hpack import Decoder, Encoder
 
+from proxy.core.buffers import BufferMeter, ConnectionBuffer
 from proxy.core.call import Call
 from proxy.core.endpoints import Endpoint
 from proxy.core.grpc_status import Status
@@ -114,11 +115,18 @@ class Response:
 class FakeClient:
     """A `ClientSide`: a real server-role `Connection`, its peer an `h2` client."""
 
-    def __init__(self, router: FakeRouter, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        router: FakeRouter,
+        limits: Limits | None = None,
+        buffer: ConnectionBuffer | None = None,
+    ) -> None:
         self.router = router
         self.h2 = Connection(Role.SERVER, limits or Limits())
         self.peer = "192.0.2.7:40000"
         self.identity: Identity | None = None
+        # Its share of the buffer budget (by default a whole budget to itself).
+        self.buffer = buffer or ConnectionBuffer(BufferMeter())
         self.calls: dict[int, Call] = {}  # as Downstream.calls
         self.finished: list[int] = []  # call_finished, in order
         self.marks = 0

@@ -18,11 +18,13 @@ from fakes import (
     FakeClient,
     FakeOwner,
     FakeRouter,
+    Frame,
     ManualFlusher,
     Response,
     grpc_message,
 )
 
+from proxy.core.buffers import BufferMeter, ConnectionBuffer
 from proxy.core.call import DONE, RESPONDING, ROUTING, STREAMING, Call
 from proxy.core.grpc_status import Status
 from proxy.core.h2 import frames as fr
@@ -695,3 +697,99 @@ def test_a_call_in_two_queues_trips_the_assertion() -> None:
     first.withdraw(call)
     second.add(call)  # once out of the first, it may join another
     assert call.waiting is second
+
+
+# ---------------------------------------------------------------------------- buffer budget
+
+
+def _window_updates(frames: list[Frame], sid: int) -> list[int]:
+    return [
+        int.from_bytes(f.payload[:4], "big") & 0x7FFF_FFFF
+        for f in frames
+        if f.kind == fr.WINDOW_UPDATE and f.stream_id == sid
+    ]
+
+
+BASE = 32 * 1024
+FULL = 256 * 1024
+
+
+def _chunks(backend: FakeBackend, sid: int, data: bytes) -> list[bytes]:
+    """DATA frames of at most 16 KiB (the frame size every peer accepts)."""
+    step = 16 * 1024
+    return [backend.data(sid, data[i : i + step]) for i in range(0, len(data), step)]
+
+
+def _limited_backend(router: FakeRouter, flusher: ManualFlusher) -> FakeBackend:
+    """A ready backend connection whose streams start with the base window, as the
+    dispatcher builds them (`base_stream_window`)."""
+    owner = FakeOwner(A)
+    backend = FakeBackend(owner, flusher, Limits(stream_window=BASE))
+    backend.connect()
+    router.owners[A] = owner
+    backend.handshake()
+    return backend
+
+
+async def test_a_long_response_grows_its_backend_window_and_gives_it_back_at_the_end(
+    flusher: ManualFlusher,
+) -> None:
+    meter = BufferMeter(budget=64 * 1024 * 1024)
+    router = FakeRouter(A)
+    a = _limited_backend(router, flusher)
+    client = FakeClient(router, buffer=ConnectionBuffer(meter, 1024 * 1024, BASE, FULL))
+    call = client.start()
+    client.send(1, b"request", end_stream=True)
+    a.read()
+    a.feed(a.headers(1, RESPONSE), *_chunks(a, 1, b"x" * (BASE // 2)))
+    # Half the base window: no grant asked yet (what updates there are acknowledge bytes the
+    # client took, never more).
+    assert sum(_window_updates(a.read(), 1)) <= BASE // 2
+
+    a.feed(a.data(1, b"y" * 100))
+
+    assert _window_updates(a.read(), 1) == [FULL - BASE]
+    assert call.granted == FULL - BASE
+    assert client.buffer.granted == meter.granted == FULL - BASE
+    a.feed(a.headers(1, OK_TRAILERS, end_stream=True))
+    assert client.response(1).status == 0
+    assert call.granted == 0 and client.buffer.granted == meter.granted == 0
+
+
+async def test_a_connection_over_its_cap_gets_no_grant(flusher: ManualFlusher) -> None:
+    """What the client leaves unread counts: a connection holding its cap in queued bytes
+    gets no more window for its backend streams, so a backend can send it only the base."""
+    meter = BufferMeter(budget=64 * 1024 * 1024)
+    router = FakeRouter(A)
+    a = _limited_backend(router, flusher)
+    cap = 64 * 1024
+    client = FakeClient(router, buffer=ConnectionBuffer(meter, cap, BASE, FULL))
+    call = client.start()
+    client.send(1, b"request", end_stream=True)
+    a.read()
+    client.h2.queued = cap  # as if its other streams held that much unread
+
+    a.feed(a.headers(1, RESPONSE), *_chunks(a, 1, b"x" * (BASE - 1)))
+
+    assert sum(_window_updates(a.read(), 1)) <= BASE - 1  # acknowledgements only
+    assert call.granted == 0 and meter.granted == 0
+    client.h2.queued = 0
+    a.feed(a.data(1, b"z"))  # room again: the next frame asks, and gets what the cap leaves
+    assert cap in _window_updates(a.read(), 1)
+    assert call.granted == cap == meter.granted
+
+
+async def test_a_client_reset_gives_the_grant_back(flusher: ManualFlusher) -> None:
+    meter = BufferMeter()
+    router = FakeRouter(A)
+    a = _limited_backend(router, flusher)
+    client = FakeClient(router, buffer=ConnectionBuffer(meter, 1024 * 1024, BASE, FULL))
+    call = client.start()
+    client.send(1, b"request", end_stream=True)
+    a.read()
+    a.feed(a.headers(1, RESPONSE), *_chunks(a, 1, b"x" * BASE))
+    assert meter.granted == FULL - BASE
+
+    client.reset(1)
+
+    assert call.phase == DONE and call.granted == 0 and meter.granted == 0

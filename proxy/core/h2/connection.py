@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from hpack import HPACKError, OversizedHeaderListError
 
@@ -57,6 +57,9 @@ from proxy.core.h2.events import (
 from proxy.core.h2.hpack_cache import CachingDecoder, CachingEncoder
 from proxy.core.h2.limits import Limits, RateCounter
 from proxy.core.h2.validation import validate_request, validate_response, validate_trailers
+
+if TYPE_CHECKING:
+    from proxy.core.buffers import BufferMeter
 
 _U32 = struct.Struct(">I")
 _FRAME_HEADER = fr._HEADER
@@ -118,8 +121,13 @@ class Connection:
         role: Role,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        meter: BufferMeter | None = None,
     ) -> None:
         self.role = role
+        # DATA queued in the stream queues, waiting for the peer's windows: on this connection,
+        # and summed over the process in `meter` (see proxy.core.buffers).
+        self.queued = 0
+        self._meter = meter
         self.limits = limits or Limits()
         lim = self.limits
         self.streams: dict[int, Stream] = {}
@@ -653,6 +661,8 @@ class Connection:
     def _close(self, st: Stream, how: Closed) -> None:
         sid = st.stream_id
         self.streams.pop(sid, None)
+        if st.pending_len:  # reset with data queued: it will never be sent
+            self._drop_queued(st)
         rc = self._recently_closed
         rc[sid] = how
         if len(rc) > _RECENTLY_CLOSED_MAX:
@@ -761,7 +771,10 @@ class Connection:
             if st.pending is None:
                 st.pending = deque()
             st.pending.append(data)
-            st.pending_len += len(data)
+            st.pending_len += n
+            self.queued += n
+            if self._meter is not None:
+                self._meter.queued += n
         if end_stream:
             st.pending_end = True
         if self._write_paused:
@@ -785,6 +798,9 @@ class Connection:
             st.send_window -= n
             self._send_conn_window -= n
             sent += n
+            self.queued -= n
+            if self._meter is not None:
+                self._meter.queued -= n
             self._pings_since_data = 0
             last = not st.pending_len and st.pending_end and st.pending_trailers is None
             self._out.append(fr.data(st.stream_id, chunk, last))
@@ -831,6 +847,28 @@ class Connection:
             self._out.append(fr.window_update(sid, st.unacked))
             st.recv_window += st.unacked
             st.unacked = 0
+
+    def _drop_queued(self, st: Stream) -> None:
+        self.queued -= st.pending_len
+        if self._meter is not None:
+            self._meter.queued -= st.pending_len
+        st.pending_len = 0
+        st.pending = None
+
+    def discard_queued(self) -> None:
+        """The connection is gone: what its queues held is freed (and no longer counted)."""
+        for st in self.streams.values():
+            if st.pending_len:
+                self._drop_queued(st)
+
+    def grant(self, sid: int, length: int) -> None:
+        """Let the peer send `length` more bytes on this stream now, beyond what it was
+        acknowledged: a window larger than the initial one (see proxy.core.buffers)."""
+        st = self.streams.get(sid)
+        if st is None or st.remote_closed or length <= 0:
+            return
+        self._out.append(fr.window_update(sid, length))
+        st.recv_window += length
 
     def reset_stream(self, sid: int, code: int = ErrorCode.CANCEL) -> None:
         st = self.streams.get(sid)
