@@ -63,6 +63,7 @@ DONE: Final = int(Phase.DONE)
 class Call:
     __slots__ = (
         "acked",
+        "ask_after",
         "attempts",
         "bsid",
         "client",
@@ -140,6 +141,8 @@ class Call:
         self.stats_row: list[float] | None = None  # its CallStats row, from its first pick
         self.granted = 0  # backend window granted beyond the base (see proxy.core.buffers)
         self.granted_in = 0  # the same for the client's request stream
+        # Past this many bytes a message asks for a window grant, and its replay copy counts.
+        self.ask_after = client.buffer.ask_after
 
     # ------------------------------------------------------------------ choosing a backend
 
@@ -230,15 +233,20 @@ class Call:
         assert up is not None
         if self.replay is not None:
             self.replay_len += len(data)
-            # The copy is memory held for the client: it counts in the buffer budget, and
-            # when that has no room the call gives up its replay rather than the process.
-            if self.replay_len <= self.router.replay_limit and self.client.buffer.hold(
-                len(data), self.client.h2.queued
-            ):
+            # The copy is memory held for the client. Within half the base window it is not
+            # counted (like the base window itself: every call gets that much); past it, it
+            # counts in the buffer budget, and when that has no room the call gives up its
+            # replay rather than the process its memory.
+            if self.replay_len > self.router.replay_limit:
+                self.replay = None  # too big to replay: a refusal now fails the call
+                self._release_replay()
+            elif self.replay_len <= self.ask_after:
+                self.replay.append(data)
+            elif self.client.buffer.hold(len(data), self.client.h2.queued):
                 self.replay.append(data)
                 self.replay_held += len(data)
             else:
-                self.replay = None  # too big to replay: a refusal now fails the call
+                self.replay = None  # no room in the budget: a refusal now fails the call
                 self._release_replay()
         flushed = up.h2.send_data(self.bsid, data, end_stream)
         if flushed:
@@ -256,7 +264,8 @@ class Call:
     def on_response_headers(self, headers: HeaderList, end_stream: bool) -> None:
         self.phase = RESPONDING
         self.replay = None
-        self._release_replay()
+        if self.replay_held:
+            self._release_replay()
         self.client.h2.send_headers(self.csid, headers, end_stream)
         self.client.mark()
         if end_stream:  # trailers-only: the status is in these headers
@@ -265,7 +274,7 @@ class Call:
     def on_response_data(self, data: bytes, end_stream: bool) -> None:
         self.response_bytes += len(data)
         client = self.client
-        if not self.granted and self.response_bytes > client.buffer.ask_after:
+        if not self.granted and self.response_bytes > self.ask_after:
             self._ask_for_window()
         flushed = client.h2.send_data(self.csid, data, end_stream)
         if flushed:
@@ -343,11 +352,7 @@ class Call:
 
     def on_request_data(self, data: bytes, end_stream: bool) -> None:
         self.request_bytes += len(data)
-        if (
-            not self.granted_in
-            and not end_stream
-            and self.request_bytes > self.client.buffer.ask_after
-        ):
+        if not self.granted_in and not end_stream and self.request_bytes > self.ask_after:
             self._ask_for_request_window()
         if end_stream:
             self.request_ended = True
@@ -406,8 +411,9 @@ class Call:
 
     def _finish(self, status: int, answered: bool) -> None:
         self.phase = DONE
-        self._release_windows()
         self.replay = None
-        self._release_replay()
+        if self.granted or self.granted_in or self.replay_held:
+            self._release_windows()
+            self._release_replay()
         self.router.call_ended(self, status, answered)
         self.client.call_finished(self.csid)

@@ -793,3 +793,27 @@ async def test_a_client_reset_gives_the_grant_back(flusher: ManualFlusher) -> No
     client.reset(1)
 
     assert call.phase == DONE and call.granted == 0 and meter.granted == 0
+
+
+async def test_a_replay_copy_counts_and_is_given_up_when_the_budget_has_no_room(
+    flusher: ManualFlusher,
+) -> None:
+    meter = BufferMeter()
+    router = FakeRouter(A)
+    ready(router, A, flusher)
+    # Room for the request stream's window grant, and 40 KiB more.
+    cap = (FULL - BASE) + 40 * 1024
+    client = FakeClient(router, buffer=ConnectionBuffer(meter, cap, BASE, FULL))
+    call = client.start()
+    first = b"a" * (BASE // 2)  # within half the base window: kept, not counted
+    client.send(1, first)
+    assert call.replay == [first] and call.replay_held == 0
+    client.send(1, b"b" * 16_000)  # past it: the stream's window grows, and the copy counts
+    assert call.granted_in == FULL - BASE
+    assert call.replay_held == 16_000
+    assert meter.granted == FULL - BASE + 16_000
+    client.send(1, b"c" * 16_000)  # 32,000 of 40,960: still counted
+    assert call.replay_held == 32_000
+    client.send(1, b"d" * 16_000)  # would pass the cap: the copy is given up, not the memory
+    assert call.replay is None
+    assert call.replay_held == 0 and meter.granted == FULL - BASE
