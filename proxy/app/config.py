@@ -124,6 +124,8 @@ class ServeConfig:
     connection_buffer: int = _OPTIONS.connection_buffer
     base_stream_window: int = _OPTIONS.base_stream_window
     stalled_stream_timeout: float = _OPTIONS.stalled_stream_timeout
+    max_connections: int = _OPTIONS.max_connections
+    idle_timeout: float = _OPTIONS.idle_timeout
     max_retries: int = _OPTIONS.max_retries
     retry_budget_percent: float = _OPTIONS.retry_budget_percent
     retry_budget_min: int = _OPTIONS.retry_budget_min
@@ -602,6 +604,24 @@ SETTINGS: tuple[Setting, ...] = (
         positive_seconds,
         "a stream whose client gives no window while the proxy holds data for it is reset "
         "after this long, and its backend stream cancelled",
+        metavar="SECONDS",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "max_connections",
+        non_negative_int,
+        "client connections at once per process (0: the open-files limit less a reserve); at "
+        "the cap the connection idle the longest is closed (GOAWAY) so a new one is served, "
+        "and only with none idle is the new one refused",
+        metavar="N",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "idle_timeout",
+        positive_seconds,
+        "a client connection without a call for this long is closed (GOAWAY)",
         metavar="SECONDS",
         kind="number",
         group="limits",

@@ -45,6 +45,10 @@ class ServerOptions:
     connection_buffer: int = DEFAULT_CONNECTION_BUFFER
     base_stream_window: int = DEFAULT_BASE_STREAM_WINDOW
     stalled_stream_timeout: float = 30 * SECONDS
+    # Client connections at once (0: sized from the open-files limit), and how long one may
+    # stay without a call before it is closed.
+    max_connections: int = 0
+    idle_timeout: float = 3600 * SECONDS
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,7 +95,13 @@ class ListenerContext(Protocol):
     draining: bool
     tls_failures: Counter[str]
 
+    max_connections: int
+
     def count_connection_error(self, exc: H2ConnectionError) -> None: ...
+
+    def make_room(self, new: Downstream) -> bool:
+        """Past max_connections: close an idle connection (True) or refuse `new` (False)."""
+        ...
 
 
 class Downstream(H2Protocol):
@@ -117,6 +123,7 @@ class Downstream(H2Protocol):
         # Streams holding data their client gives no window for: stream id -> (queued
         # bytes, send window, since when), updated by the listener's sweep (`stalled`).
         self._stall_marks: dict[int, tuple[int, int, float]] = {}
+        self.idle_since = 0.0  # loop time since when it has had no call
         self.calls: dict[int, Call] = {}
         self.peer = "?"
         # What the client's verified certificate names (a TLS listener that requires one).
@@ -149,7 +156,11 @@ class Downstream(H2Protocol):
                 transport.close()
                 return
             self.identity = identity_of(ssl_object.getpeercert())
-        self.listener.connections.add(self)
+        listener = self.listener
+        self.idle_since = listener.loop.time()
+        listener.connections.add(self)
+        if len(listener.connections) > listener.max_connections and not listener.make_room(self):
+            return  # at the cap with nothing idle: this one was closed
         self.mark()
         if self.listener.draining:  # accepted just before the listener closed
             self.start_drain()
@@ -219,7 +230,10 @@ class Downstream(H2Protocol):
             call.on_client_flushed(length)
 
     def call_finished(self, stream_id: int) -> None:
-        self.calls.pop(stream_id, None)
+        calls = self.calls
+        calls.pop(stream_id, None)
+        if not calls:
+            self.idle_since = self.listener.loop.time()
         if self.draining:
             self._drain_step()
 
@@ -354,6 +368,23 @@ class Downstream(H2Protocol):
         if stalled:
             self.mark()
         return len(stalled)
+
+    @property
+    def idle(self) -> bool:
+        """No call, nothing held: closing it loses nothing."""
+        return not self.calls and not self.h2.queued and not self.closed
+
+    def close_idle(self, why: str) -> None:
+        """GOAWAY(NO_ERROR) and close: a client reconnects when it needs to."""
+        log.info("idle_connection_closed", peer=self.peer, reason=why)
+        h2 = self.h2
+        h2.goaway(ErrorCode.NO_ERROR)
+        self._abort(h2.data_to_send() if h2.remote_settings_seen else b"")
+
+    def refuse(self) -> None:
+        """At the connection cap with nothing idle to close: this connection is not served."""
+        log.warning("connection_refused", peer=self.peer, reason="at --max-connections")
+        self._abort(b"")
 
     def shed(self) -> None:
         """The process is over its buffer budget and this connection holds the most: its

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import resource
 import socket
 import ssl
 from collections import Counter
@@ -47,6 +48,7 @@ class Listeners:
         meter: BufferMeter | None = None,
     ) -> None:
         self.router = router
+        self.max_connections = options.max_connections or default_max_connections()
         self.flusher = flusher
         self.limits = limits
         self.options = options
@@ -87,6 +89,19 @@ class Listeners:
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
 
+    def make_room(self, new: Downstream) -> bool:
+        """Past --max-connections: close the connection idle the longest so that `new` is
+        served; with none idle, refuse `new` (False)."""
+        idle = [c for c in self.connections if c is not new and c.idle]
+        if idle:
+            min(idle, key=lambda c: c.idle_since).close_idle("at --max-connections")
+            self.overload["idle_closed"] += 1
+            return True
+        self.connections.discard(new)
+        new.refuse()
+        self.overload["connection_refused"] += 1
+        return False
+
     def _over_budget(self) -> None:
         """Over the budget: shed in this loop turn's end, not at the next sweep."""
         if not self._shed_soon:
@@ -113,11 +128,15 @@ class Listeners:
         now = self.loop.time()
         timeout = self.options.stalled_stream_timeout
         meter = self.meter
+        idle_timeout = self.options.idle_timeout
         for conn in list(self.connections):
             if conn.h2.queued:
                 reset = conn.reset_stalled(now, timeout)
                 if reset:
                     self.overload["stalled_stream"] += reset
+            elif conn.idle and now - conn.idle_since >= idle_timeout:
+                conn.close_idle("idle timeout")
+                self.overload["idle_timeout"] += 1
         if meter.over():
             self._shed()
 
@@ -281,6 +300,15 @@ class Listeners:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
+
+
+def default_max_connections() -> int:
+    """What the open-files limit allows, less a reserve for backend connections, listeners and
+    files (at least 64)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(64, soft - max(128, soft // 8))
 
 
 def _is_socket(path: str) -> bool:

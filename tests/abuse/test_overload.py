@@ -16,11 +16,13 @@ import h2.config
 import h2.connection
 import h2.exceptions
 from abuse_support import BystanderFactory, ProxyFactory, RunningProxy
+from backends import echo_stub, open_channel
 from proxy_process import free_port
 from rawclient import RawH2Client, request_headers
 
 from proxy.core.h2 import frames as fr
 from proxy.core.h2.errors import ErrorCode
+from proxy_examples.echo.echo_pb2 import EchoRequest
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -214,3 +216,66 @@ def test_a_stalled_stream_is_reset_and_counted(abuse_proxy: ProxyFactory) -> Non
         assert trailers
     text = metrics(admin)
     assert counter(text, "grpc_proxy_overload_total", 'action="stalled_stream"') == 1
+
+
+def test_at_the_connection_cap_the_idle_connection_goes_first_and_a_busy_proxy_refuses(
+    abuse_proxy: ProxyFactory,
+) -> None:
+    admin = free_port()
+    proxy = abuse_proxy("--max-connections", "3", "--admin", f"127.0.0.1:{admin}")
+    idle = [RawH2Client(proxy.port) for _ in range(3)]
+    try:
+        for client in idle:
+            client.handshake()
+            client.server_settings()
+        # A fourth client is served: the oldest idle connection makes room (GOAWAY NO_ERROR).
+        with open_channel(proxy.target) as channel:
+            reply = echo_stub(channel).UnaryEcho(EchoRequest(message="in"), timeout=10)
+            assert reply.message == "in"
+        # One idle connection (the one idle the longest, by the proxy's clock) is sent
+        # GOAWAY(NO_ERROR) and closed; the other two are left alone.
+        for client in idle:
+            client.wait_for_eof(1)
+        closed = [c for c in idle if c.eof]
+        assert len(closed) == 1, [sorted({f.kind for f in c.frames}) for c in idle]
+        assert closed[0].find_goaway().error_code() == ErrorCode.NO_ERROR
+    finally:
+        for client in idle:
+            client.close()
+
+    # Three busy connections (a call each, its request not ended): nothing idle to close, so
+    # a fourth connection is refused (closed before any SETTINGS).
+    busy = [RawH2Client(proxy.port) for _ in range(3)]
+    try:
+        for client in busy:
+            client.handshake()
+            client.server_settings()
+            client.send(client.headers_frame(1, request_headers()))
+            client.send(fr.data(1, grpc_message(b"\x0a\x01x")[:3]))  # part of a message
+        time.sleep(0.3)
+        with RawH2Client(proxy.port) as refused:
+            refused.handshake()
+            assert refused.wait_for_eof()
+            assert not any(f.kind == fr.SETTINGS for f in refused.frames)
+        for client in busy:
+            assert not client.eof
+    finally:
+        for client in busy:
+            client.close()
+    text = metrics(admin)
+    assert counter(text, "grpc_proxy_overload_total", 'action="idle_closed"') >= 1
+    assert counter(text, "grpc_proxy_overload_total", 'action="connection_refused"') == 1
+
+
+def test_an_idle_connection_is_closed_after_the_idle_timeout(abuse_proxy: ProxyFactory) -> None:
+    admin = free_port()
+    proxy = abuse_proxy("--idle-timeout", "1", "--admin", f"127.0.0.1:{admin}")
+    with RawH2Client(proxy.port) as client:
+        client.handshake()
+        client.server_settings()
+        started = time.monotonic()
+        goaway = client.find_goaway(timeout=10)
+        assert goaway.error_code() == ErrorCode.NO_ERROR
+        assert 0.9 <= time.monotonic() - started <= 5
+        assert client.wait_for_eof()
+    assert counter(metrics(admin), "grpc_proxy_overload_total", 'action="idle_timeout"') == 1
