@@ -126,6 +126,7 @@ class ServeConfig:
     stalled_stream_timeout: float = _OPTIONS.stalled_stream_timeout
     max_connections: int = _OPTIONS.max_connections
     idle_timeout: float = _OPTIONS.idle_timeout
+    preface_timeout: float = _OPTIONS.preface_timeout
     max_retries: int = _OPTIONS.max_retries
     retry_budget_percent: float = _OPTIONS.retry_budget_percent
     retry_budget_min: int = _OPTIONS.retry_budget_min
@@ -615,6 +616,15 @@ SETTINGS: tuple[Setting, ...] = (
         "the cap the connection idle the longest is closed (GOAWAY) so a new one is served, "
         "and only with none idle is the new one refused",
         metavar="N",
+        kind="number",
+        group="limits",
+    ),
+    _s(
+        "preface_timeout",
+        positive_seconds,
+        "a client connection that has not sent the HTTP/2 preface and its SETTINGS this long "
+        "after it was accepted (after the TLS handshake, on TLS listeners) is closed",
+        metavar="SECONDS",
         kind="number",
         group="limits",
     ),

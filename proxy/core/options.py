@@ -49,6 +49,8 @@ class ServerOptions:
     # stay without a call before it is closed.
     max_connections: int = 0
     idle_timeout: float = 3600 * SECONDS
+    # From accept (or the end of the TLS handshake) to the client's preface and SETTINGS.
+    preface_timeout: float = 10 * SECONDS
 
 
 @dataclass(frozen=True, slots=True)

@@ -334,7 +334,8 @@ def _connections(snap: Snapshot) -> Iterator[Metric]:
         "What the buffer budget made the proxy shed, by action: refused_stream (a new stream "
         "refused near the budget), stalled_stream (a stream reset after its client gave no "
         "window for --stalled-stream-timeout), goaway (a connection closed over the budget), "
-        "idle_closed and connection_refused (at --max-connections), idle_timeout.",
+        "idle_closed and connection_refused (at --max-connections), idle_timeout, "
+        "preface_timeout.",
         ["action"],
         (((action,), n) for action, n in snap.overload),
     )

@@ -96,6 +96,7 @@ class ListenerContext(Protocol):
     tls_failures: Counter[str]
 
     max_connections: int
+    preface_timeout: float
 
     def count_connection_error(self, exc: H2ConnectionError) -> None: ...
 
@@ -158,6 +159,7 @@ class Downstream(H2Protocol):
             self.identity = identity_of(ssl_object.getpeercert())
         listener = self.listener
         self.idle_since = listener.loop.time()
+        listener.loop.call_later(listener.preface_timeout, self._preface_timed_out)
         listener.connections.add(self)
         if len(listener.connections) > listener.max_connections and not listener.make_room(self):
             return  # at the cap with nothing idle: this one was closed
@@ -368,6 +370,12 @@ class Downstream(H2Protocol):
         if stalled:
             self.mark()
         return len(stalled)
+
+    def _preface_timed_out(self) -> None:
+        if not self.closed and not self.h2.remote_settings_seen:
+            log.warning("preface_timeout", peer=self.peer)
+            self.listener.overload["preface_timeout"] += 1
+            self._abort(b"")
 
     @property
     def idle(self) -> bool:

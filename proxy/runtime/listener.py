@@ -49,6 +49,7 @@ class Listeners:
     ) -> None:
         self.router = router
         self.max_connections = options.max_connections or default_max_connections()
+        self.preface_timeout = options.preface_timeout
         self.flusher = flusher
         self.limits = limits
         self.options = options

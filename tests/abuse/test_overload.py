@@ -279,3 +279,23 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout(abuse_proxy: ProxyF
         assert 0.9 <= time.monotonic() - started <= 5
         assert client.wait_for_eof()
     assert counter(metrics(admin), "grpc_proxy_overload_total", 'action="idle_timeout"') == 1
+
+
+def test_a_connection_that_never_sends_its_preface_is_closed(abuse_proxy: ProxyFactory) -> None:
+    admin = free_port()
+    proxy = abuse_proxy("--preface-timeout", "1", "--admin", f"127.0.0.1:{admin}")
+    with (
+        socket.create_connection(("127.0.0.1", proxy.port)) as sock,
+        RawH2Client(proxy.port) as fine,
+    ):
+        fine.handshake()  # one that does send it is served past the timeout
+        sock.settimeout(10)
+        started = time.monotonic()
+        while sock.recv(65536):  # the proxy's SETTINGS, then EOF
+            pass
+        assert 0.9 <= time.monotonic() - started <= 5
+        time.sleep(0.5)
+        fine.send(fine.headers_frame(1, request_headers()))
+        fine.send(fr.data(1, grpc_message(b"\x0a\x02hi"), True))
+        assert fine.wait_for(fr.HEADERS, timeout=5, stream_id=1)
+    assert counter(metrics(admin), "grpc_proxy_overload_total", 'action="preface_timeout"') == 1
