@@ -175,10 +175,13 @@ class Call:
         self.upstream = None
         self.bsid = 0
         if self.replay is None:
+            why = (
+                "the proxy's buffer budget had no room to keep a copy of the request"
+                if self.replay_len <= self.router.replay_limit
+                else "the request was too large to replay on another backend"
+            )
             self.fail(
-                Status.UNAVAILABLE,
-                f"backend {address} refused the call ({reason}) and the "
-                "request was too large to replay on another backend",
+                Status.UNAVAILABLE, f"backend {address} refused the call ({reason}) and {why}"
             )
             return
         if self.replay:

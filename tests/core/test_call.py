@@ -800,7 +800,7 @@ async def test_a_replay_copy_counts_and_is_given_up_when_the_budget_has_no_room(
 ) -> None:
     meter = BufferMeter()
     router = FakeRouter(A)
-    ready(router, A, flusher)
+    a = ready(router, A, flusher)
     # Room for the request stream's window grant, and 40 KiB more.
     cap = (FULL - BASE) + 40 * 1024
     client = FakeClient(router, buffer=ConnectionBuffer(meter, cap, BASE, FULL))
@@ -817,3 +817,9 @@ async def test_a_replay_copy_counts_and_is_given_up_when_the_budget_has_no_room(
     client.send(1, b"d" * 16_000)  # would pass the cap: the copy is given up, not the memory
     assert call.replay is None
     assert call.replay_held == 0 and meter.granted == FULL - BASE
+    # Refused now, the call cannot move, and says why.
+    a.read()
+    a.feed(a.rst(1, ErrorCode.REFUSED_STREAM))
+    got = client.response(1)
+    assert got.status == UNAVAILABLE
+    assert "buffer budget had no room to keep a copy of the request" in got.message
