@@ -128,18 +128,17 @@ class Listeners:
         self._sweeper = self.loop.call_later(SWEEP_S, self._sweep)
         now = self.loop.time()
         timeout = self.options.stalled_stream_timeout
-        meter = self.meter
         idle_timeout = self.options.idle_timeout
         for conn in list(self.connections):
-            if conn.h2.queued:
-                reset = conn.reset_stalled(now, timeout)
-                if reset:
-                    self.overload["stalled_stream"] += reset
+            # Called whatever the connection holds: with nothing queued it forgets its marks,
+            # so that a stream stalled later is timed from then, not from an earlier stall.
+            reset = conn.reset_stalled(now, timeout)
+            if reset:
+                self.overload["stalled_stream"] += reset
             elif conn.idle and now - conn.idle_since >= idle_timeout:
                 conn.close_idle("idle timeout")
                 self.overload["idle_timeout"] += 1
-        if meter.over():
-            self._shed()
+        self._shed()  # it checks the budget itself
 
     async def listen(
         self,
