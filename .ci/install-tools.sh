@@ -6,6 +6,7 @@
 #                              (chromium: the admin page test renders it headless;
 #                              valgrind: loadtest.instructions runs the proxies under callgrind)
 #   go install into .tools/bin: h2spec, ghz, grpcurl, interop_client, interop_server (grpc-go interop)
+#   npm install into .tools/npm: grpc-web (the browser test's gRPC-Web client; needs apt's npm)
 #
 # Never fails just because a tool cannot be installed: it says what is missing and goes on;
 # the tests that need a missing tool skip locally and fail under CI (see tests/tools.py).
@@ -23,7 +24,12 @@ H2SPEC_PKG="github.com/summerwind/h2spec/cmd/h2spec@latest"
 GHZ_PKG="github.com/bojand/ghz/cmd/ghz@latest"
 GRPCURL_PKG="github.com/fullstorydev/grpcurl/cmd/grpcurl@latest"
 
-APT_PACKAGES=(haproxy nghttp2-client etcd-server etcd-client chromium valgrind)
+APT_PACKAGES=(haproxy nghttp2-client etcd-server etcd-client chromium valgrind curl)
+# npm from apt only where there is none (a machine may have Node.js from elsewhere, whose npm
+# Debian's package would conflict with).
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
+# The gRPC-Web client library the browser test loads (tests/grpcweb/test_browser.py).
+GRPC_WEB_NPM_VERSION="${GRPC_WEB_NPM_VERSION:-2.1.1}"
 
 missing_report=()
 
@@ -135,6 +141,24 @@ else
     go_install ghz "$GHZ_PKG" || missing_report+=(ghz)
     go_install grpcurl "$GRPCURL_PKG" || missing_report+=(grpcurl)
     go_install_interop || missing_report+=(interop_client interop_server)
+fi
+
+# ---------------------------------------------------------------- npm packages
+NPM_DIR="$ROOT/.tools/npm"
+if [[ -f "$NPM_DIR/node_modules/grpc-web/package.json" ]] &&
+    grep -q "\"version\": \"$GRPC_WEB_NPM_VERSION\"" "$NPM_DIR/node_modules/grpc-web/package.json"; then
+    log "grpc-web $GRPC_WEB_NPM_VERSION (npm) present"
+elif ! command -v npm >/dev/null 2>&1; then
+    log "no npm: skipping grpc-web (npm)"
+    missing_report+=(grpc-web)
+else
+    mkdir -p "$NPM_DIR"
+    log "npm install grpc-web@$GRPC_WEB_NPM_VERSION into $NPM_DIR"
+    if ! npm install --prefix "$NPM_DIR" --no-audit --no-fund --no-save \
+        "grpc-web@$GRPC_WEB_NPM_VERSION" </dev/null; then
+        log "npm install grpc-web failed"
+        missing_report+=(grpc-web)
+    fi
 fi
 
 if ((${#missing_report[@]} > 0)); then

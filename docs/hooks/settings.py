@@ -28,6 +28,7 @@ GROUP_TITLES = {
     "balancing": "Balancing",
     "tls": "TLS (listener and backends)",
     "limits": "Client connection limits",
+    "grpc_web": "gRPC-Web",
     "resilience": "Retries, outlier detection and health checks",
     "operations": "Operations (admin endpoint, logs, drain, workers)",
 }

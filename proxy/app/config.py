@@ -127,6 +127,13 @@ class ServeConfig:
     max_connections: int = _OPTIONS.max_connections
     idle_timeout: float = _OPTIONS.idle_timeout
     preface_timeout: float = _OPTIONS.preface_timeout
+    grpc_web: bool = _OPTIONS.grpc_web
+    cors_allowed_origins: tuple[str, ...] = _OPTIONS.cors_allowed_origins
+    cors_allow_headers: tuple[str, ...] = _OPTIONS.cors_allow_headers
+    cors_expose_headers: tuple[str, ...] = _OPTIONS.cors_expose_headers
+    http1_max_header_size: int = _OPTIONS.http1_max_header_size
+    http1_max_request_line: int = _OPTIONS.http1_max_request_line
+    http1_max_body_size: int = _OPTIONS.http1_max_body_size
     max_retries: int = _OPTIONS.max_retries
     retry_budget_percent: float = _OPTIONS.retry_budget_percent
     retry_budget_min: int = _OPTIONS.retry_budget_min
@@ -278,6 +285,25 @@ def boolean(value: str) -> bool:
     if text in ("false", "0", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+def origin(value: str) -> str:
+    """A browser origin as pages send it (`scheme://host[:port]`), or `*` for any."""
+    text = value.strip().rstrip("/")
+    if text == "*":
+        return text
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+        raise ValueError(f"expected an origin such as https://app.example.com or *, got {value!r}")
+    return text
+
+
+def header_name(value: str) -> str:
+    """An HTTP field name (lower-cased: HTTP/2 requires it)."""
+    text = value.strip().lower()
+    if not text or not all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in text):
+        raise ValueError(f"expected a header name, got {value!r}")
+    return text
 
 
 def optional(value: str) -> str | None:
@@ -637,6 +663,70 @@ SETTINGS: tuple[Setting, ...] = (
         group="limits",
     ),
     _s(
+        "grpc_web",
+        boolean,
+        "serve gRPC-Web (application/grpc-web, +proto, -text) over HTTP/1.1 and HTTP/2 on the "
+        "listeners, translated to native gRPC for the backends; off: HTTP/1 requests get 505 "
+        "as before",
+        kind="bool",
+        group="grpc_web",
+    ),
+    _s(
+        "cors_allowed_origins",
+        origin,
+        "browser origins whose pages may call through the proxy (CORS), e.g. "
+        "https://app.example.com, or * for any; repeatable",
+        metavar="ORIGIN",
+        kind="list",
+        group="grpc_web",
+    ),
+    _s(
+        "cors_allow_headers",
+        header_name,
+        "request headers pages may send beyond those gRPC-Web clients always send "
+        "(content-type, x-grpc-web, x-user-agent, grpc-timeout, authorization, ...): custom "
+        "metadata such as a pin or sticky header; repeatable",
+        metavar="NAME",
+        kind="list",
+        group="grpc_web",
+    ),
+    _s(
+        "cors_expose_headers",
+        header_name,
+        "response headers pages may read beyond grpc-status, grpc-message and "
+        "grpc-status-details-bin: custom response metadata; repeatable",
+        metavar="NAME",
+        kind="list",
+        group="grpc_web",
+    ),
+    _s(
+        "http1_max_header_size",
+        positive_int,
+        "an HTTP/1.1 request's line and headers together; larger gets 431 and the connection "
+        "closes",
+        metavar="BYTES",
+        kind="number",
+        group="grpc_web",
+    ),
+    _s(
+        "http1_max_request_line",
+        positive_int,
+        "an HTTP/1.1 request line (method, path, version); longer gets 414 and the connection "
+        "closes",
+        metavar="BYTES",
+        kind="number",
+        group="grpc_web",
+    ),
+    _s(
+        "http1_max_body_size",
+        positive_int,
+        "an HTTP/1.1 request body (413 if its content-length says more; a call past it fails "
+        "with RESOURCE_EXHAUSTED and the connection closes)",
+        metavar="BYTES",
+        kind="number",
+        group="grpc_web",
+    ),
+    _s(
         "max_retries",
         non_negative_int,
         "other backends a call that reached no backend code may try",
@@ -798,6 +888,7 @@ _GROUP_TITLES = {
     "balancing": "balancing",
     "tls": "TLS (listener and backends; SIGHUP re-reads every file)",
     "limits": "client connection limits",
+    "grpc_web": "gRPC-Web (HTTP/1.1 and HTTP/2, CORS)",
     "resilience": "retries, outlier detection and health checks",
     "operations": "operations (admin endpoint, logs, drain, workers)",
 }

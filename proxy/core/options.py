@@ -15,6 +15,11 @@ from proxy.core.buffers import (
     DEFAULT_BUFFER_BUDGET,
     DEFAULT_CONNECTION_BUFFER,
 )
+from proxy.core.grpcweb import (
+    DEFAULT_HTTP1_MAX_BODY_SIZE,
+    DEFAULT_HTTP1_MAX_HEADER_SIZE,
+    DEFAULT_HTTP1_MAX_REQUEST_LINE,
+)
 from proxy.core.units import SECONDS
 
 # Where the proxy listens unless told: loopback only (nothing beyond it unless asked).
@@ -51,6 +56,15 @@ class ServerOptions:
     idle_timeout: float = 3600 * SECONDS
     # From accept (or the end of the TLS handshake) to the client's preface and SETTINGS.
     preface_timeout: float = 10 * SECONDS
+    # gRPC-Web (proxy/core/grpcweb.py): on by default, since no browser page can use it
+    # before an origin is allowed; the CORS policy; and the HTTP/1.1 limits, per request.
+    grpc_web: bool = True
+    cors_allowed_origins: tuple[str, ...] = ()
+    cors_allow_headers: tuple[str, ...] = ()
+    cors_expose_headers: tuple[str, ...] = ()
+    http1_max_header_size: int = DEFAULT_HTTP1_MAX_HEADER_SIZE
+    http1_max_request_line: int = DEFAULT_HTTP1_MAX_REQUEST_LINE
+    http1_max_body_size: int = DEFAULT_HTTP1_MAX_BODY_SIZE
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,13 +20,37 @@ if TYPE_CHECKING:
     from proxy.core.call import Call
     from proxy.core.endpoints import Endpoint
     from proxy.core.h2.connection import Connection
+    from proxy.core.h2.events import HeaderList
     from proxy.core.identity import Identity
+
+
+class ClientStreams(Protocol):
+    """What a call does on its client's side: the methods of the server-role codec
+    (`proxy.core.h2.connection.Connection`) that it uses. A gRPC-Web call gets a translator
+    with the same methods instead (proxy/core/web_call.py), so `Call` needs no branch."""
+
+    @property
+    def queued(self) -> int:
+        """Response bytes held for the client connection, waiting for it to read."""
+        ...
+
+    def send_headers(self, sid: int, headers: HeaderList, end_stream: bool) -> None: ...
+
+    def send_data(self, sid: int, data: bytes, end_stream: bool = False) -> int:
+        """Returns the bytes written at once; the rest is reported flushed later."""
+        ...
+
+    def ack_data(self, sid: int, length: int) -> None: ...
+
+    def grant(self, sid: int, length: int) -> None: ...
 
 
 class ClientSide(Protocol):
     """What a call needs of the client connection it belongs to."""
 
-    h2: Connection
+    @property
+    def h2(self) -> ClientStreams: ...
+
     peer: str
     identity: Identity | None  # what a verified client certificate names
     buffer: ConnectionBuffer  # its share of the buffer budget: grants of backend windows

@@ -2,7 +2,10 @@
 
 It turns codec events into calls: a request's HEADERS start a Call, DATA and trailers feed
 it, RST_STREAM or a lost connection cancel it. A protocol error ends this connection alone
-with GOAWAY; an HTTP/1.x request gets a short HTTP/1.1 answer saying what this port speaks.
+with GOAWAY; an HTTP/1.x request gets a short HTTP/1.1 answer saying what this port speaks,
+or, with gRPC-Web on, the connection is handed to the HTTP/1.1 protocol (proxy.runtime.http1).
+A gRPC-Web request on HTTP/2 becomes a `WebCall` (proxy.core.web_call); native calls do not
+pay for it beyond a look at each new stream's content-type.
 
 Graceful drain (`start_drain`, when the proxy shuts down) takes two GOAWAYs, as RFC 9113
 section 6.8 recommends and grpc-go's server does: first GOAWAY(NO_ERROR, last id 2^31-1)
@@ -25,6 +28,7 @@ import structlog
 from proxy.core.buffers import SHED_AT, ConnectionBuffer
 from proxy.core.call import Call
 from proxy.core.grpc_status import Status
+from proxy.core.grpcweb import web_kind
 from proxy.core.h2.connection import Connection, Role
 from proxy.core.h2.errors import ErrorCode, FloodError, H2ConnectionError, Http1RequestError
 from proxy.core.h2.events import (
@@ -36,6 +40,8 @@ from proxy.core.h2.events import (
     StreamReset,
 )
 from proxy.core.identity import identity_of
+from proxy.core.web_call import open_h2_web_call
+from proxy.runtime.http1 import Http1Connection
 from proxy.runtime.protocol import H2Protocol
 from proxy.runtime.tls import ALPN_H2
 
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
     from collections import Counter
 
     from proxy.core.buffers import BufferMeter
+    from proxy.core.grpcweb import WebSettings
     from proxy.core.h2.limits import Limits
     from proxy.core.identity import Identity
     from proxy.core.ports import CallRouter
@@ -97,6 +104,8 @@ class ListenerContext(Protocol):
 
     max_connections: int
     preface_timeout: float
+    web: WebSettings | None  # gRPC-Web, or None: switched off
+    http1_connections: set[Http1Connection]  # connections handed to HTTP/1.1 (gRPC-Web)
 
     def count_connection_error(self, exc: H2ConnectionError) -> None: ...
 
@@ -126,6 +135,7 @@ class Downstream(H2Protocol):
         self._stall_marks: dict[int, tuple[int, int, float]] = {}
         self.idle_since = 0.0  # loop time since when it has had no call
         self.calls: dict[int, Call] = {}
+        self.web = listener.web
         self.peer = "?"
         # What the client's verified certificate names (a TLS listener that requires one).
         self.identity: Identity | None = None
@@ -161,7 +171,8 @@ class Downstream(H2Protocol):
         self.idle_since = listener.loop.time()
         listener.loop.call_later(listener.preface_timeout, self._preface_timed_out)
         listener.connections.add(self)
-        if len(listener.connections) > listener.max_connections and not listener.make_room(self):
+        open_now = len(listener.connections) + len(listener.http1_connections)
+        if open_now > listener.max_connections and not listener.make_room(self):
             return  # at the cap with nothing idle: this one was closed
         self.mark()
         if self.listener.draining:  # accepted just before the listener closed
@@ -172,8 +183,11 @@ class Downstream(H2Protocol):
             return  # lingering after GOAWAY: read and drop until the peer closes
         try:
             events = self.h2.receive_data(data)
-        except Http1RequestError:
-            self._abort(HTTP1_RESPONSE)
+        except Http1RequestError as exc:
+            if self.web is not None:
+                self._to_http1(self.web, exc.data)
+            else:
+                self._abort(HTTP1_RESPONSE)
             return
         except H2ConnectionError as exc:
             limit = exc.limit if isinstance(exc, FloodError) else None
@@ -206,6 +220,13 @@ class Downstream(H2Protocol):
                     # read what they get are not refused: they hold nothing.
                     self.h2.reset_stream(ev.stream_id, ErrorCode.REFUSED_STREAM)
                     self.listener.overload["refused_stream"] += 1
+                elif self.web is not None and (kind := web_kind(ev.headers)):
+                    call = open_h2_web_call(
+                        self, ev.stream_id, ev.headers, ev.end_stream, kind, self.web, self.router
+                    )
+                    if call is not None:  # None: a CORS preflight, answered
+                        calls[ev.stream_id] = call
+                        call.start()
                 else:
                     call = Call(self, ev.stream_id, ev.headers, ev.end_stream, self.router)
                     calls[ev.stream_id] = call
@@ -225,6 +246,18 @@ class Downstream(H2Protocol):
         self.mark()
         if self.draining:
             self._drain_step()
+
+    def _to_http1(self, web: WebSettings, data: bytes) -> None:
+        """The client speaks HTTP/1.x: from now on the connection is an Http1Connection's.
+        Nothing was sent yet (a server's SETTINGS wait for the preface)."""
+        transport = self.transport
+        self.closed = True  # this object is done: its timers find it closed
+        self.listener.connections.discard(self)
+        if transport is None:
+            return
+        conn = Http1Connection(self.listener, web, self.peer, self.identity)
+        transport.set_protocol(conn)
+        conn.start(transport, data)
 
     def data_flushed(self, stream_id: int, length: int) -> None:
         call = self.calls.get(stream_id)

@@ -20,6 +20,7 @@ from typing import Final
 import structlog
 
 from proxy.core.buffers import SHED_AT, BufferMeter
+from proxy.core.grpcweb import WebSettings, cors_policy
 from proxy.core.h2 import frames as fr
 from proxy.core.h2.errors import FloodError, H2ConnectionError, TLSOnCleartextError
 from proxy.core.h2.limits import Limits
@@ -27,6 +28,7 @@ from proxy.core.options import ServerOptions
 from proxy.core.ports import CallRouter
 from proxy.runtime.downstream import Downstream
 from proxy.runtime.flusher import Flusher
+from proxy.runtime.http1 import Http1Connection
 from proxy.runtime.tls_accept import TLSListener
 
 log = structlog.get_logger("proxy.server")
@@ -55,6 +57,9 @@ class Listeners:
         self.options = options
         self.loop = loop
         self.connections: set[Downstream] = set()
+        # gRPC-Web (None: off), and the client connections that speak it over HTTP/1.1.
+        self.web = web_settings(options)
+        self.http1_connections: set[Http1Connection] = set()
         self.connection_errors: Counter[str] = Counter()
         # Failed TLS handshakes on the listeners, by kind (see proxy.runtime.tls_accept).
         self.tls_failures: Counter[str] = Counter()
@@ -138,6 +143,10 @@ class Listeners:
             elif conn.idle and now - conn.idle_since >= idle_timeout:
                 conn.close_idle("idle timeout")
                 self.overload["idle_timeout"] += 1
+        for http1 in list(self.http1_connections):
+            closed = http1.sweep(now, idle_timeout, timeout)
+            if closed is not None:
+                self.overload[closed] += 1
         self._shed()  # it checks the budget itself
 
     async def listen(
@@ -262,9 +271,15 @@ class Listeners:
         )
         for conn in conns:
             conn.start_drain()
+        for http1 in list(self.http1_connections):
+            http1.start_drain()
         # Polled: a few wake-ups a second for at most the drain time, no hook on the hot path.
-        while loop.time() < deadline and any(not c.closed for c in self.connections):
+        while loop.time() < deadline and (
+            any(not c.closed for c in self.connections) or self.http1_connections
+        ):
             await asyncio.sleep(DRAIN_POLL_S)
+        for http1 in list(self.http1_connections):
+            http1.terminate("proxy shutting down")
         left = [c for c in self.connections if not c.closed]
         if left:
             log.warning(
@@ -300,6 +315,23 @@ class Listeners:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
+        for http1 in list(self.http1_connections):
+            if http1.transport is not None:
+                http1.transport.close()
+
+
+def web_settings(options: ServerOptions) -> WebSettings | None:
+    """gRPC-Web as the options say, or None when it is switched off."""
+    if not options.grpc_web:
+        return None
+    return WebSettings(
+        cors_policy(
+            options.cors_allowed_origins, options.cors_allow_headers, options.cors_expose_headers
+        ),
+        options.http1_max_header_size,
+        options.http1_max_request_line,
+        options.http1_max_body_size,
+    )
 
 
 def default_max_connections() -> int:

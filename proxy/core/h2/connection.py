@@ -285,7 +285,7 @@ class Connection:
                 raise TLSOnCleartextError()
             for method in _HTTP1_METHODS:
                 if buf.startswith(method):
-                    raise Http1RequestError()
+                    raise Http1RequestError(buf)
                 if method.startswith(buf):
                     return buf  # could still be an HTTP/1 request line: wait for more
             raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "invalid connection preface")

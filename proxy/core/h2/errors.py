@@ -41,10 +41,12 @@ class H2ConnectionError(Exception):
 
 
 class Http1RequestError(H2ConnectionError):
-    """The peer spoke HTTP/1.x to a port that speaks gRPC over HTTP/2 with prior knowledge."""
+    """The peer spoke HTTP/1.x to a port that speaks gRPC over HTTP/2 with prior knowledge.
+    `data`: every byte received so far, for an HTTP/1 parser to take over (gRPC-Web)."""
 
-    def __init__(self) -> None:
+    def __init__(self, data: bytes = b"") -> None:
         super().__init__(ErrorCode.PROTOCOL_ERROR, "HTTP/1.x request on an HTTP/2 port")
+        self.data = data
 
 
 class TLSOnCleartextError(H2ConnectionError):
