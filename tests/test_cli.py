@@ -74,4 +74,5 @@ def test_help_exits_0(args: list[str], expected: list[str]) -> None:
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0, result
-    assert result.stdout.strip() == f"grpc-etcd-proxy {__version__}"
+    # The build of the data path follows in brackets (tests/test_build.py checks which).
+    assert result.stdout.startswith(f"grpc-etcd-proxy {__version__} ("), result.stdout

@@ -23,7 +23,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from proxy.core.h2.limits import Limits
 from proxy.core.options import DEFAULT_LISTEN, HealthCheckOptions, ServerOptions
@@ -1007,10 +1007,15 @@ def _from_flags(flags: Mapping[str, Any]) -> _Layer:
     return layer
 
 
+# Variables with the prefix that are not settings: read before any setting, by the package
+# itself (proxy/__init__.py: which build of the data path to import).
+NOT_SETTINGS: Final = frozenset({"GRPC_ETCD_PROXY_PURE"})
+
+
 def _from_env(environ: Mapping[str, str]) -> _Layer:
     layer = _Layer()
     for var in sorted(environ):
-        if not var.startswith(ENV_PREFIX):
+        if not var.startswith(ENV_PREFIX) or var in NOT_SETTINGS:
             continue
         source = f"environment {var}"
         setting = BY_NAME.get(var[len(ENV_PREFIX) :].lower())

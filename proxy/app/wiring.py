@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from proxy import __version__
 from proxy.app import config
 from proxy.app.config import ConfigError, ServeConfig, describe
 from proxy.core.balancing import Balancer
@@ -366,6 +367,7 @@ class Reloader:
 async def serve(cfg: ServeConfig, flags: dict[str, Any], role: WorkerRole | None = None) -> int:
     """Run the proxy until a signal stops it; `role` when this process is a supervisor's
     worker (its admin endpoint is then a unix socket the supervisor reads)."""
+    from proxy.build_info import build_info
     from proxy.runtime.server import ProxyServer
 
     try:
@@ -373,6 +375,12 @@ async def serve(cfg: ServeConfig, flags: dict[str, Any], role: WorkerRole | None
     except ConfigError as exc:
         print(f"grpc-etcd-proxy: {exc}", file=sys.stderr)
         return 2
+    build = build_info()
+    # Which data path runs: a compiled build that fell back to pure Python (no compiler at
+    # install time) is slower, and a stale one runs code older than its source.
+    log.info("starting", version=__version__, build=build.describe())
+    if build.stale or build.kind == "mixed":
+        log.warning("build_inconsistent", build=build.describe())
     async with contextlib.AsyncExitStack() as stack:
         discovery: EtcdDiscovery | None = None
         if cfg.etcd:

@@ -18,8 +18,10 @@ from typing import Final, TypeVar
 K = TypeVar("K", bound=Hashable)
 
 # Call duration buckets in seconds (upper bounds; +Inf is implied): 0.5 ms to 60 s, roughly
-# x2.5 apart, the range of unary calls through long streams.
-DURATION_BUCKETS: Final = (
+# x2.5 apart, the range of unary calls through long streams. Typed as a tuple of any length:
+# mypyc keeps a fixed-length Final tuple as an unboxed C constant, which another module-level
+# Final (DURATION_SUM below) read before it was set.
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.0005,
     0.001,
     0.0025,

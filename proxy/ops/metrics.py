@@ -25,6 +25,7 @@ from prometheus_client.core import (
 )
 
 from proxy import __version__
+from proxy.build_info import build_info
 from proxy.core.grpc_status import Status
 from proxy.core.stats import DURATION_BUCKETS, NO_BACKEND, add_counts, split_path
 from proxy.ops.admin.state import STATES, endpoint_state, targets
@@ -36,6 +37,8 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 NO_BACKEND_LABEL: Final = "none"
 # Bucket bounds as prometheus_client prints them ("1.0", not "1").
 _LE: Final = (*(repr(float(b)) for b in DURATION_BUCKETS), "+Inf")
+# What the data path is; read once, at import (finding it imports the data path, done by then).
+_BUILD: Final = build_info().kind
 
 
 def status_label(code: int) -> str:
@@ -361,9 +364,9 @@ def _process(snap: Snapshot) -> Iterator[Metric]:
     )
     yield _gauge(
         "grpc_proxy_build_info",
-        "Always 1; the version in a label.",
-        ["version"],
-        [((__version__,), 1)],
+        "Always 1; the version and the build of the data path (compiled, pure) in labels.",
+        ["version", "build"],
+        [((__version__, _BUILD), 1)],
     )
 
 

@@ -159,6 +159,10 @@ def test_the_image_commands_work_in_a_clean_venv(
     assert where.startswith(str(root)), where
     assert {m for m, present in found.items() if present} == set(PRESENT)
 
+    # The image ships the compiled data path (the builder has a compiler).
+    version = run([program, "--version"], cwd=root, env=env).stdout
+    assert "(compiled (mypyc))" in version, version
+
     # The demo is not in the image: a clear error naming where it ships, not a traceback.
     demo = subprocess.run(
         [program, "demo"], cwd=root, env=env, capture_output=True, text=True, timeout=60

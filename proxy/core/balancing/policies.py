@@ -123,7 +123,7 @@ class SmoothWeightedRoundRobin:
             values = list(map(sub, map(mul, repeat(step), self._weights), self._debt))
             return values.index(max(values))
         best = -1
-        best_value: float = 0
+        best_value: float = 0.0
         best_heap: list[tuple[float, int]] | None = None
         for weight, heap in classes:
             debt, i = heap[0]
@@ -151,7 +151,7 @@ class SmoothWeightedRoundRobin:
         debts = self._debt
         best = candidates[0]
         best_value = step * weights[best] - debts[best]
-        total: float = 0
+        total: float = 0.0
         for i in candidates:
             total += weights[i]
             value = step * weights[i] - debts[i]

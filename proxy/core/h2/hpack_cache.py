@@ -27,7 +27,7 @@ it raises), so errors and rare representations keep hpack's exact behaviour.
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
+from typing import Any, Final
 
 from hpack import Decoder, Encoder, HPACKError
 from hpack.hpack import encode_integer
@@ -35,6 +35,7 @@ from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
 from proxy.core.h2.events import HeaderList
+from proxy.core.h2.hpack_table import GenerationTable
 
 _CACHE_MAX: Final = 256
 _BLOCK_MAX: Final = 4096  # bigger blocks are rare and not worth keeping
@@ -69,27 +70,6 @@ def _string(data: bytes) -> bytes:
 def literal_without_indexing(name: bytes, value: bytes) -> bytes:
     """A field the decoder must not add to its table, with a literal name (RFC 7541 6.2.2)."""
     return b"\x00" + _string(name) + _string(value)
-
-
-class GenerationTable(HeaderTable):  # type: ignore[misc]
-    """A HeaderTable that counts its changes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.generation = 0
-
-    def add(self, name: bytes, value: bytes) -> None:
-        self.generation += 1
-        super().add(name, value)
-
-    @property
-    def maxsize(self) -> int:
-        return int(self._maxsize)
-
-    @maxsize.setter
-    def maxsize(self, newmax: int) -> None:
-        self.generation += 1
-        HeaderTable.maxsize.fset(self, newmax)
 
 
 _STATIC: Final = HeaderTable.STATIC_TABLE  # index 1 is _STATIC[0]
@@ -267,7 +247,10 @@ class CachingEncoder:
         # sensitive values) bypass the caches both ways.
         volatile = self.volatile
         tail = b""
-        for header in headers:
+        # Looked at as objects: compiled, a `tuple[bytes, bytes]` variable is a C struct, and
+        # binding an element to one would unbox it and forget its class (the flag with it).
+        fields: list[Any] = headers
+        for header in fields:
             if not getattr(header, "indexable", True):
                 return bytes(self._encoder.encode(headers, huffman=True)), False
             if header[0] in volatile:
