@@ -56,7 +56,9 @@ COMPILED = [
     "proxy/core/balancing/table.py",
     "proxy/runtime/dispatcher.py",
     "proxy/runtime/downstream.py",
+    "proxy/runtime/flusher.py",
     "proxy/runtime/pool.py",
+    "proxy/runtime/protocol.py",
     "proxy/runtime/upstream.py",
 ]
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -81,6 +82,7 @@ def measure(
     caller: Caller,
     calls: int,
     warmup: int,
+    keep: Path | None = None,
 ) -> float:
     """Instructions per call of the process started by ``argv``, listening on ``port``."""
     out = work / f"{name}.callgrind"
@@ -98,6 +100,9 @@ def measure(
     dumps = sorted(work.glob(f"{name}.callgrind.*"), key=lambda p: p.stat().st_mtime)
     if not dumps:
         raise RuntimeError(f"no callgrind dump for {name}")
+    if keep is not None:  # for callgrind_annotate: where the instructions go
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(dumps[-1], keep / f"{name}.callgrind")
     match = _SUMMARY.search(dumps[-1].read_text(errors="replace"))
     if match is None:
         raise RuntimeError(f"no summary line in {dumps[-1]}")
@@ -121,6 +126,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=tools.positive_int,
         default=1,
         help="calls at a time (default 1: serial)",
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="copy each callgrind dump here as NAME.callgrind (for callgrind_annotate)",
     )
     parser.add_argument(
         "--proxy-cmd",
@@ -173,7 +184,9 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"unknown target {name!r}", file=sys.stderr)
                     return 2
                 started = time.monotonic()
-                results[name] = measure(sup, name, cmd, port, work, caller, args.calls, args.warmup)
+                results[name] = measure(
+                    sup, name, cmd, port, work, caller, args.calls, args.warmup, args.keep
+                )
                 print(
                     f"{name:8} {results[name]:12,.0f} instructions/call "
                     f"({time.monotonic() - started:.0f} s under valgrind)",

@@ -13,15 +13,18 @@ Import as ``from fakes import ...`` (pytest puts ``tests/core`` on ``sys.path``)
 * `FakeBackend` is one real `BackendConnection` on a `FakeTransport`, with the backend's end of
   the wire driven by hand: frames built with proxy.core.h2.frames go in (`feed`), the bytes the
   proxy wrote come out parsed (`read`), as tests/h2 does.
-* `ManualFlusher` writes marked connections when told to (`run`): the end of a loop turn.
+* `manual_flusher()` writes marked connections when told to (`run_turn`): the end of a loop
+  turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from h2 import events as h2events
@@ -48,7 +51,7 @@ from proxy.core.h2.limits import Limits
 from proxy.core.identity import Identity
 from proxy.core.ports import ConnectionOwner, Refusal
 from proxy.core.units import KiB
-from proxy.runtime.flusher import Flusher, Writer
+from proxy.runtime.flusher import Flusher
 from proxy.runtime.upstream import BackendConnection
 
 REQUEST: HeaderList = [
@@ -330,24 +333,32 @@ class FakeRouter:
 # ---------------------------------------------------------------------------- the backend side
 
 
-class ManualFlusher(Flusher):
-    """A Flusher without a loop: marked connections are written when the test says so
-    (`run`), which stands for the end of the loop turn."""
+class _TurnLoop(asyncio.AbstractEventLoop):
+    """Just enough of a loop for a Flusher: call_soon keeps the callback until `run_turn`."""
 
     def __init__(self) -> None:
-        self.marked: list[Writer] = []
+        self.soon: list[Callable[[], object]] = []
 
-    def mark(self, writer: Writer) -> None:
-        if writer.dirty:
-            return
-        writer.dirty = True
-        self.marked.append(writer)
+    def call_soon(self, callback: Callable[..., object], *args: Any, context: Any = None) -> Any:
+        self.soon.append(lambda: callback(*args))
 
-    def run(self) -> None:
-        marked, self.marked = self.marked, []
-        for writer in marked:
-            writer.dirty = False
-            writer.flush()
+    def run_turn(self) -> None:
+        soon, self.soon = self.soon, []
+        for callback in soon:
+            callback()
+
+
+def manual_flusher() -> Flusher:
+    """The real Flusher on a loop that never runs by itself: marked connections are written
+    when the test says so (`run_turn`), which stands for the end of the loop turn. (The real
+    one, not a subclass: compiled, Flusher cannot be subclassed from Python.)"""
+    return Flusher(_TurnLoop())
+
+
+def run_turn(flusher: Flusher) -> None:
+    loop = flusher._loop
+    assert isinstance(loop, _TurnLoop)
+    loop.run_turn()
 
 
 class FakeTransport:
@@ -470,7 +481,7 @@ class FakeBackend:
     def __init__(
         self,
         owner: ConnectionOwner[BackendConnection],
-        flusher: ManualFlusher,
+        flusher: Flusher,
         limits: Limits | None = None,
     ) -> None:
         self.owner = owner
@@ -527,7 +538,7 @@ class FakeBackend:
 
     def read(self) -> list[Frame]:
         """The frames written since the last read (running the flusher first)."""
-        self.flusher.run()
+        run_turn(self.flusher)
         if not self.conn.closed and not self.transport.closed:
             assert self.conn.h2.data_to_send() == b"", "output was queued without mark()"
         data = self.transport.take()

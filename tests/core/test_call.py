@@ -19,9 +19,9 @@ from fakes import (
     FakeOwner,
     FakeRouter,
     Frame,
-    ManualFlusher,
     Response,
     grpc_message,
+    manual_flusher,
 )
 
 from proxy.build_info import build_info
@@ -33,6 +33,7 @@ from proxy.core.h2.errors import ErrorCode
 from proxy.core.h2.limits import Limits
 from proxy.core.ports import Refusal
 from proxy.core.waiting import WaitQueue
+from proxy.runtime.flusher import Flusher
 from proxy.runtime.pool import BackendPool
 from proxy.runtime.upstream import State
 
@@ -44,14 +45,14 @@ CANCELLED = int(Status.CANCELLED)
 
 
 @pytest.fixture
-def flusher() -> ManualFlusher:
-    return ManualFlusher()
+def flusher() -> Flusher:
+    return manual_flusher()
 
 
 def ready(
     router: FakeRouter,
     address: str,
-    flusher: ManualFlusher,
+    flusher: Flusher,
     settings: dict[int, int] | None = None,
 ) -> FakeBackend:
     """A connection to `address` that has done its handshake, reached through the router."""
@@ -61,7 +62,7 @@ def ready(
     return backend
 
 
-def pending(router: FakeRouter, address: str, flusher: ManualFlusher) -> FakeBackend:
+def pending(router: FakeRouter, address: str, flusher: Flusher) -> FakeBackend:
     """A connection to `address` that is connected but has no SETTINGS from the backend yet."""
     owner = FakeOwner(address)
     backend = FakeBackend(owner, flusher)
@@ -80,7 +81,7 @@ def owner_of(backend: FakeBackend) -> FakeOwner:
 
 
 async def test_refused_stream_replays_the_same_request_bytes_on_another_backend(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     router = FakeRouter(A, B)
     a, b = ready(router, A, flusher), ready(router, B, flusher)
@@ -127,7 +128,7 @@ async def test_refused_stream_replays_the_same_request_bytes_on_another_backend(
 
 
 async def test_replayed_request_bytes_are_not_acknowledged_to_the_client_twice(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     router = FakeRouter(A, B)
     a, b = ready(router, A, flusher), ready(router, B, flusher)
@@ -150,7 +151,7 @@ async def test_replayed_request_bytes_are_not_acknowledged_to_the_client_twice(
 
 
 async def test_retry_budget_refusing_fails_the_call_with_its_message(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     refusal = Refusal(
         Status.UNAVAILABLE,
@@ -180,7 +181,7 @@ async def test_retry_budget_refusing_fails_the_call_with_its_message(
     assert client.finished == [1]
 
 
-async def test_no_attempts_left_fails_with_what_each_backend_said(flusher: ManualFlusher) -> None:
+async def test_no_attempts_left_fails_with_what_each_backend_said(flusher: Flusher) -> None:
     router = FakeRouter(A, B, max_attempts=1)
     a, b = ready(router, A, flusher), ready(router, B, flusher)
     client = FakeClient(router)
@@ -202,7 +203,7 @@ async def test_no_attempts_left_fails_with_what_each_backend_said(flusher: Manua
 
 
 async def test_a_request_larger_than_the_replay_limit_is_not_replayed(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     router = FakeRouter(A, B, replay_limit=8)
     a, b = ready(router, A, flusher), ready(router, B, flusher)
@@ -245,7 +246,7 @@ async def test_a_request_larger_than_the_replay_limit_is_not_replayed(
     ],
 )
 async def test_a_reset_after_response_headers_is_final(
-    flusher: ManualFlusher, code: ErrorCode, status: Status
+    flusher: Flusher, code: ErrorCode, status: Status
 ) -> None:
     router = FakeRouter(A, B)
     a, b = ready(router, A, flusher), ready(router, B, flusher)
@@ -278,7 +279,7 @@ async def test_a_reset_after_response_headers_is_final(
 
 @pytest.mark.parametrize("code", [ErrorCode.INTERNAL_ERROR, ErrorCode.CANCEL, ErrorCode.NO_ERROR])
 async def test_only_refused_stream_is_replayed_before_the_response(
-    flusher: ManualFlusher, code: ErrorCode
+    flusher: Flusher, code: ErrorCode
 ) -> None:
     """Any other reset may come after the application saw the call: it is final."""
     router = FakeRouter(A, B)
@@ -303,7 +304,7 @@ async def test_only_refused_stream_is_replayed_before_the_response(
 
 
 async def test_client_reset_while_waiting_for_a_handshake_leaves_the_queue(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     router = FakeRouter(A)
     a = pending(router, A, flusher)
@@ -333,7 +334,7 @@ async def test_client_reset_while_waiting_for_a_handshake_leaves_the_queue(
     assert [f for f in a.frames if f.kind == fr.HEADERS and f.stream_id != 1] == []
 
 
-async def test_client_reset_while_parked_in_the_backlog_leaves_it(flusher: ManualFlusher) -> None:
+async def test_client_reset_while_parked_in_the_backlog_leaves_it(flusher: Flusher) -> None:
     """A backend allowing 1 stream, 1 connection per backend: the second call is parked in
     EndpointConnections.backlog until a stream finishes."""
     router = FakeRouter(A)
@@ -368,7 +369,7 @@ async def test_client_reset_while_parked_in_the_backlog_leaves_it(flusher: Manua
     assert router.inflight == {}
 
 
-async def test_a_parked_call_opens_when_a_stream_finishes(flusher: ManualFlusher) -> None:
+async def test_a_parked_call_opens_when_a_stream_finishes(flusher: Flusher) -> None:
     """The counterpart of the test above: not reset, the parked call gets the free stream."""
     router = FakeRouter(A)
     pool = BackendPool(flusher, Limits(), max_connections_per_backend=1)
@@ -396,7 +397,7 @@ async def test_a_parked_call_opens_when_a_stream_finishes(flusher: ManualFlusher
 
 
 async def test_a_call_failed_while_waiting_for_a_handshake_is_not_opened(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     """Downstream.terminate (the drain time is up) ends waiting calls with `fail`."""
     router = FakeRouter(A)
@@ -417,7 +418,7 @@ async def test_a_call_failed_while_waiting_for_a_handshake_is_not_opened(
 
 
 async def test_a_call_failed_while_parked_in_the_backlog_is_not_opened(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     router = FakeRouter(A)
     pool = BackendPool(flusher, Limits(), max_connections_per_backend=1)
@@ -443,7 +444,7 @@ async def test_a_call_failed_while_parked_in_the_backlog_is_not_opened(
 
 
 async def test_client_reset_while_streaming_cancels_the_backend_stream(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     router = FakeRouter(A)
     a = ready(router, A, flusher)
@@ -469,7 +470,7 @@ async def test_client_reset_while_streaming_cancels_the_backend_stream(
 
 
 async def test_goaway_with_the_settings_retries_the_waiting_calls_elsewhere(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     router = FakeRouter(A, B)
     a = pending(router, A, flusher)
@@ -503,7 +504,7 @@ async def test_goaway_with_the_settings_retries_the_waiting_calls_elsewhere(
 
 
 async def test_goaway_with_the_settings_and_no_attempts_left_fails_naming_goaway(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     router = FakeRouter(A, B, max_attempts=1)
     a = pending(router, A, flusher)
@@ -528,7 +529,7 @@ async def test_goaway_with_the_settings_and_no_attempts_left_fails_naming_goaway
 
 
 async def test_goaway_replays_the_streams_above_its_last_id_and_keeps_the_others(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     router = FakeRouter(A, B)
     a, b = ready(router, A, flusher), ready(router, B, flusher)
@@ -576,7 +577,7 @@ async def test_goaway_replays_the_streams_above_its_last_id_and_keeps_the_others
 
 
 async def test_goaway_below_an_answered_stream_ends_it_with_trailers(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     """A backend that sends GOAWAY with a last stream id below a stream it already answered
     breaks RFC 9113 6.8; the proxy must still give the client valid trailers (not a second,
@@ -726,7 +727,7 @@ def _chunks(backend: FakeBackend, sid: int, data: bytes) -> list[bytes]:
     return [backend.data(sid, data[i : i + step]) for i in range(0, len(data), step)]
 
 
-def _limited_backend(router: FakeRouter, flusher: ManualFlusher) -> FakeBackend:
+def _limited_backend(router: FakeRouter, flusher: Flusher) -> FakeBackend:
     """A ready backend connection whose streams start with the base window, as the
     dispatcher builds them (`base_stream_window`)."""
     owner = FakeOwner(A)
@@ -738,7 +739,7 @@ def _limited_backend(router: FakeRouter, flusher: ManualFlusher) -> FakeBackend:
 
 
 async def test_a_long_response_grows_its_backend_window_and_gives_it_back_at_the_end(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     meter = BufferMeter(budget=64 * 1024 * 1024)
     router = FakeRouter(A)
@@ -762,7 +763,7 @@ async def test_a_long_response_grows_its_backend_window_and_gives_it_back_at_the
     assert call.granted == 0 and client.buffer.granted == meter.granted == 0
 
 
-async def test_a_connection_over_its_cap_gets_no_grant(flusher: ManualFlusher) -> None:
+async def test_a_connection_over_its_cap_gets_no_grant(flusher: Flusher) -> None:
     """What the client leaves unread counts: a connection holding its cap in queued bytes
     gets no more window for its backend streams, so a backend can send it only the base."""
     meter = BufferMeter(budget=64 * 1024 * 1024)
@@ -785,7 +786,7 @@ async def test_a_connection_over_its_cap_gets_no_grant(flusher: ManualFlusher) -
     assert call.granted == cap == meter.granted
 
 
-async def test_a_client_reset_gives_the_grant_back(flusher: ManualFlusher) -> None:
+async def test_a_client_reset_gives_the_grant_back(flusher: Flusher) -> None:
     meter = BufferMeter()
     router = FakeRouter(A)
     a = _limited_backend(router, flusher)
@@ -802,7 +803,7 @@ async def test_a_client_reset_gives_the_grant_back(flusher: ManualFlusher) -> No
 
 
 async def test_a_replay_copy_counts_and_is_given_up_when_the_budget_has_no_room(
-    flusher: ManualFlusher,
+    flusher: Flusher,
 ) -> None:
     meter = BufferMeter()
     router = FakeRouter(A)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
-from fakes import REQUEST, FakeBackend, FakeClient, FakeOwner, FakeRouter, ManualFlusher
+from fakes import REQUEST, FakeBackend, FakeClient, FakeOwner, FakeRouter, manual_flusher
 
 from proxy.core.call import DONE, STREAMING
 from proxy.core.grpc_status import Status
 from proxy.core.h2 import frames as fr
+from proxy.runtime.flusher import Flusher
 from proxy.runtime.upstream import State
 
 A = "10.0.0.1:50051"
@@ -18,7 +19,7 @@ UNAVAILABLE = int(Status.UNAVAILABLE)
 
 
 def backend(
-    router: FakeRouter, address: str, flusher: ManualFlusher, timeout_s: float = 5.0
+    router: FakeRouter, address: str, flusher: Flusher, timeout_s: float = 5.0
 ) -> tuple[FakeBackend, FakeOwner]:
     owner = FakeOwner(address, connect_timeout_s=timeout_s)
     conn = FakeBackend(owner, flusher)
@@ -28,7 +29,7 @@ def backend(
 
 
 async def test_the_first_frames_are_the_preface_and_settings() -> None:
-    flusher = ManualFlusher()
+    flusher = manual_flusher()
     a, _ = backend(FakeRouter(A), A, flusher)
     frames = a.read()  # read() checks and strips the preface
     assert [f.kind for f in frames] == [fr.SETTINGS, fr.WINDOW_UPDATE]
@@ -43,7 +44,7 @@ async def test_the_first_frames_are_the_preface_and_settings() -> None:
 
 
 async def test_a_handshake_that_times_out_sends_the_waiting_calls_elsewhere() -> None:
-    flusher = ManualFlusher()
+    flusher = manual_flusher()
     router = FakeRouter(A, B)
     a, owner = backend(router, A, flusher, timeout_s=0.01)
     b, _ = backend(router, B, flusher)
@@ -66,7 +67,7 @@ async def test_a_handshake_that_times_out_sends_the_waiting_calls_elsewhere() ->
 
 
 async def test_a_connection_lost_before_the_settings_retries_its_waiting_calls() -> None:
-    flusher = ManualFlusher()
+    flusher = manual_flusher()
     router = FakeRouter(A, B)
     a, owner = backend(router, A, flusher)
     b, _ = backend(router, B, flusher)
@@ -84,7 +85,7 @@ async def test_a_connection_lost_before_the_settings_retries_its_waiting_calls()
 
 async def test_a_connection_lost_under_a_call_fails_it_without_replay() -> None:
     """The request reached the backend: it may have run, so it is not sent again."""
-    flusher = ManualFlusher()
+    flusher = manual_flusher()
     router = FakeRouter(A, B)
     a, owner = backend(router, A, flusher)
     a.handshake()
@@ -104,7 +105,7 @@ async def test_a_connection_lost_under_a_call_fails_it_without_replay() -> None:
 
 
 async def test_an_idle_connection_that_closes_is_no_failure() -> None:
-    flusher = ManualFlusher()
+    flusher = manual_flusher()
     a, owner = backend(FakeRouter(A), A, flusher)
     a.handshake()
 
@@ -115,7 +116,7 @@ async def test_an_idle_connection_that_closes_is_no_failure() -> None:
 
 
 async def test_calls_over_the_backends_stream_limit_go_back_to_the_owner() -> None:
-    flusher = ManualFlusher()
+    flusher = manual_flusher()
     router = FakeRouter(A)
     a, owner = backend(router, A, flusher)
     client = FakeClient(router)
@@ -135,7 +136,7 @@ async def test_calls_over_the_backends_stream_limit_go_back_to_the_owner() -> No
 async def test_a_graceful_goaway_then_the_final_one() -> None:
     """GOAWAY(2^31-1) refuses nothing and counts no failure; the second GOAWAY's last id
     decides which streams are replayed."""
-    flusher = ManualFlusher()
+    flusher = manual_flusher()
     router = FakeRouter(A, B)
     a, owner = backend(router, A, flusher)
     b, _ = backend(router, B, flusher)

@@ -29,7 +29,6 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Final
 
@@ -97,22 +96,41 @@ class Closed(Enum):
     RESET_BY_PEER = 3
 
 
-@dataclass(slots=True)
 class Stream:
-    stream_id: int
-    send_window: int
-    recv_window: int
-    unacked: int = 0  # forwarded bytes not yet returned to the peer with WINDOW_UPDATE
-    pending: deque[bytes] | None = None
-    pending_len: int = 0
-    pending_end: bool = False
-    pending_trailers: HeaderList | None = None
-    local_closed: bool = False
-    remote_closed: bool = False
-    headers_received: int = 0
-    headers_sent: bool = False
-    expected_length: int = -1  # content-length of the request, checked against DATA
-    received_length: int = 0
+    # A plain class, not a dataclass: compiled, a dataclass's generated __init__ would run as
+    # interpreted bytecode for each of the two streams of every call (events.py says more).
+    __slots__ = (
+        "expected_length",
+        "headers_received",
+        "headers_sent",
+        "local_closed",
+        "pending",
+        "pending_end",
+        "pending_len",
+        "pending_trailers",
+        "received_length",
+        "recv_window",
+        "remote_closed",
+        "send_window",
+        "stream_id",
+        "unacked",
+    )
+
+    def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
+        self.stream_id = stream_id
+        self.send_window = send_window
+        self.recv_window = recv_window
+        self.unacked = 0  # forwarded bytes not yet returned to the peer with WINDOW_UPDATE
+        self.pending: deque[bytes] | None = None
+        self.pending_len = 0
+        self.pending_end = False
+        self.pending_trailers: HeaderList | None = None
+        self.local_closed = False
+        self.remote_closed = False
+        self.headers_received = 0
+        self.headers_sent = False
+        self.expected_length = -1  # content-length of the request, checked against DATA
+        self.received_length = 0
 
 
 class Connection:
