@@ -52,6 +52,14 @@ def _is_extension(path: str) -> bool:
     return any(path.endswith(suffix) for suffix in EXTENSION_SUFFIXES)
 
 
+def _in_source_tree(module: Path) -> bool:
+    """The module is in a checkout (its package's parent holds setup.py), not installed."""
+    package_root = module.parent
+    while (package_root / "__init__.py").is_file():
+        package_root = package_root.parent
+    return (package_root / "setup.py").is_file()
+
+
 def _built_at(shim: Path) -> float:
     """When the compiled code behind a module was built: mypyc puts it in one shared library
     (a top-level `<hash>__mypyc` module), and rebuilds leave unchanged module shims alone."""
@@ -73,9 +81,14 @@ def build_info() -> BuildInfo:
             continue
         compiled += 1
         # A source tree built in place (make compile) keeps its .py beside the .so: one
-        # edited since is not what runs. An installed wheel's files share one mtime.
+        # edited since is not what runs. Only there: pip writes an installed wheel's files
+        # in any order, with the time of the install, so their ages mean nothing.
         source = Path(path).with_name(Path(path).name.split(".", 1)[0] + ".py")
-        if source.is_file() and source.stat().st_mtime > _built_at(Path(path)):
+        if (
+            _in_source_tree(Path(path))
+            and source.is_file()
+            and source.stat().st_mtime > _built_at(Path(path))
+        ):
             stale.append(name)
     forced = os.environ.get("GRPC_ETCD_PROXY_PURE", "") not in ("", "0")
     return BuildInfo(compiled, tuple(stale), forced)
