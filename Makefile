@@ -46,7 +46,8 @@ $(VENV_STAMP): pyproject.toml examples/pyproject.toml setup.py | $(VPY)
 # The modules setup.py compiles (its COMPILED list) and what they import at build time.
 COMPILED_SRC := $(wildcard proxy/core/*.py proxy/core/*/*.py) \
 	proxy/runtime/dispatcher.py proxy/runtime/downstream.py proxy/runtime/flusher.py \
-	proxy/runtime/pool.py proxy/runtime/protocol.py proxy/runtime/upstream.py
+	proxy/runtime/http1.py proxy/runtime/pool.py proxy/runtime/protocol.py \
+	proxy/runtime/upstream.py
 COMPILE_STAMP := build/.stamp-compiled
 
 compile: $(COMPILE_STAMP)
@@ -88,7 +89,8 @@ docs-serve: venv
 # cannot run them before the venv exists.
 # The whole suite on the compiled build (tests/test_build.py checks that it is the one that
 # runs), then the tests of the code that mypyc compiles again on pure Python.
-PURE_TESTS := tests/core tests/h2 tests/relay tests/e2e tests/conformance tests/abuse tests/test_build.py
+PURE_TESTS := tests/core tests/h2 tests/relay tests/e2e tests/conformance tests/abuse tests/grpcweb \
+	tests/test_build.py
 
 test: venv tools lint docs compile
 	EXPECT_BUILD=compiled $(VPY) -m pytest $(PYTEST_ARGS)

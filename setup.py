@@ -19,7 +19,8 @@ from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 
-# The data path: the codec, the call, balancing, and the asyncio adapters a call runs through.
+# The data path: the codec, the call, balancing, and the asyncio adapters a call runs through
+# (gRPC-Web's HTTP/1.1 front end among them).
 # Left out on purpose: proxy/core/h2/hpack_table.py (subclasses hpack's untyped HeaderTable,
 # see its docstring) and everything that runs once per connection or less (discovery, TLS
 # setup, the listener, admin), where compiling buys nothing and costs build time.
@@ -30,6 +31,7 @@ COMPILED = [
     "proxy/core/call.py",
     "proxy/core/endpoints.py",
     "proxy/core/grpc_status.py",
+    "proxy/core/grpcweb.py",
     "proxy/core/identity.py",
     "proxy/core/options.py",
     "proxy/core/outlier.py",
@@ -39,6 +41,7 @@ COMPILED = [
     "proxy/core/stats.py",
     "proxy/core/units.py",
     "proxy/core/waiting.py",
+    "proxy/core/web_call.py",
     "proxy/core/h2/__init__.py",
     "proxy/core/h2/connection.py",
     "proxy/core/h2/errors.py",
@@ -57,6 +60,7 @@ COMPILED = [
     "proxy/runtime/dispatcher.py",
     "proxy/runtime/downstream.py",
     "proxy/runtime/flusher.py",
+    "proxy/runtime/http1.py",
     "proxy/runtime/pool.py",
     "proxy/runtime/protocol.py",
     "proxy/runtime/upstream.py",

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import h11
 import structlog
@@ -217,7 +217,10 @@ class Http1Connection(asyncio.Protocol):
                 elif isinstance(event, h11.Request):
                     self._on_request(event)
                 elif isinstance(event, h11.Data):
-                    self._on_body(event.data, False)
+                    # h11 hands out slices of its bytearray buffer, typed as bytes: compiled
+                    # code checks the type, so it gets what the annotation says.
+                    data = cast(Any, event).data  # as Any: no check on reading it
+                    self._on_body(data if type(data) is bytes else bytes(data), False)
                 elif isinstance(event, h11.EndOfMessage):
                     self._on_body(b"", True)
                 elif isinstance(event, h11.ConnectionClosed):
