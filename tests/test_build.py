@@ -89,3 +89,18 @@ def test_setup_compiles_what_the_build_info_probes_and_the_makefile_watches() ->
     for path in _compiled_setup_list():
         if path.startswith("proxy/runtime/"):
             assert path in makefile, f"Makefile's COMPILED_SRC misses {path}"
+
+
+def test_the_stale_check_looks_only_at_a_source_tree(tmp_path: Path) -> None:
+    from proxy.build_info import _in_source_tree
+
+    for root in ("checkout", "site-packages"):
+        package = tmp_path / root / "proxy" / "core"
+        package.mkdir(parents=True)
+        (package.parent / "__init__.py").touch()
+        (package / "__init__.py").touch()
+    (tmp_path / "checkout" / "setup.py").touch()
+    shim = "call.cpython-311-x86_64-linux-gnu.so"
+    assert _in_source_tree(tmp_path / "checkout" / "proxy" / "core" / shim)
+    # An installed wheel: pip's file times say nothing about which is older.
+    assert not _in_source_tree(tmp_path / "site-packages" / "proxy" / "core" / shim)

@@ -183,9 +183,11 @@ class Downstream(H2Protocol):
             return  # lingering after GOAWAY: read and drop until the peer closes
         try:
             events = self.h2.receive_data(data)
-        except Http1RequestError as exc:
+        # Each except clause names its exception differently: compiled, one name is one
+        # variable of one type, and the second clause would fail its type check.
+        except Http1RequestError as http1:
             if self.web is not None:
-                self._to_http1(self.web, exc.data)
+                self._to_http1(self.web, http1.data)
             else:
                 self._abort(HTTP1_RESPONSE)
             return
