@@ -56,11 +56,11 @@ compile: $(COMPILE_STAMP)
 # build's age (proxy/build_info.py's stale check) is the build's, not the last changed file's.
 $(COMPILE_STAMP): $(COMPILED_SRC) setup.py | $(VENV_STAMP)
 	$(VPY) setup.py --quiet build_ext --inplace
-	find proxy -name '*.so' -exec touch {} + && touch *__mypyc*.so
+	find proxy -name '*.so' -exec touch {} +
 	mkdir -p build && touch $@
 
 clean-compiled:
-	rm -rf build $(COMPILE_STAMP) *__mypyc*.so
+	rm -rf build $(COMPILE_STAMP)
 	find proxy -name '*.so' -delete
 
 tools:

@@ -13,19 +13,17 @@ import os
 import shutil
 import sys
 import sysconfig
-from pathlib import Path
 
 from setuptools import setup
 
-ROOT = Path(__file__).resolve().parent
-
 # The data path: the codec, the call, balancing, and the asyncio adapters a call runs through
-# (gRPC-Web's HTTP/1.1 front end among them).
-# Left out on purpose: proxy/core/h2/hpack_table.py (subclasses hpack's untyped HeaderTable,
-# see its docstring) and everything that runs once per connection or less (discovery, TLS
-# setup, the listener, admin), where compiling buys nothing and costs build time.
+# (gRPC-Web's HTTP/1.1 front end among them). Left out on purpose:
+# - proxy/core/h2/hpack_table.py: it subclasses hpack's untyped HeaderTable (its docstring);
+# - the packages' __init__.py files: re-exports only, and compiled with the library inside the
+#   package, mypyc would give them a wrong __path__;
+# - everything that runs once per connection or less (discovery, TLS setup, the listener,
+#   admin), where compiling buys nothing and costs build time.
 COMPILED = [
-    "proxy/core/__init__.py",
     "proxy/core/backoff.py",
     "proxy/core/buffers.py",
     "proxy/core/call.py",
@@ -42,7 +40,6 @@ COMPILED = [
     "proxy/core/units.py",
     "proxy/core/waiting.py",
     "proxy/core/web_call.py",
-    "proxy/core/h2/__init__.py",
     "proxy/core/h2/connection.py",
     "proxy/core/h2/errors.py",
     "proxy/core/h2/events.py",
@@ -50,7 +47,6 @@ COMPILED = [
     "proxy/core/h2/hpack_cache.py",
     "proxy/core/h2/limits.py",
     "proxy/core/h2/validation.py",
-    "proxy/core/balancing/__init__.py",
     "proxy/core/balancing/balancer.py",
     "proxy/core/balancing/metadata.py",
     "proxy/core/balancing/pin.py",
@@ -88,8 +84,10 @@ def _ext_modules() -> list[object]:
         return []
     from mypyc.build import mypycify
 
-    # opt_level 3 is mypyc's default; debug_level 0 keeps the shared library small.
-    return list(mypycify(COMPILED, opt_level="3", debug_level="0"))
+    # opt_level 3 is mypyc's default; debug_level 0 keeps the shared library small. The
+    # group name puts that library inside the package (proxy/compiled__mypyc.*.so), not at
+    # the top of site-packages or of the checkout, where an editable install cannot see it.
+    return list(mypycify(COMPILED, opt_level="3", debug_level="0", group_name="proxy.compiled"))
 
 
 setup(ext_modules=_ext_modules())

@@ -62,7 +62,7 @@ def _in_source_tree(module: Path) -> bool:
 
 def _built_at(shim: Path) -> float:
     """When the compiled code behind a module was built: mypyc puts it in one shared library
-    (a top-level `<hash>__mypyc` module), and rebuilds leave unchanged module shims alone."""
+    (`proxy.compiled__mypyc`), and rebuilds leave unchanged module shims alone."""
     built = shim.stat().st_mtime
     for name, module in list(sys.modules.items()):
         library = getattr(module, "__file__", None)

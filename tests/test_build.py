@@ -79,12 +79,18 @@ def test_version_names_the_build() -> None:
 def test_setup_compiles_what_the_build_info_probes_and_the_makefile_watches() -> None:
     compiled = {_module_name(p) for p in _compiled_setup_list()}
     assert set(PROBES) <= compiled
-    # The one module of proxy/core left out on purpose: it subclasses hpack's untyped table.
+    # Left out of proxy/core on purpose: the module that subclasses hpack's untyped table,
+    # and the packages' __init__ files (re-exports).
     core = {
         _module_name(str(p.relative_to(REPO_ROOT)))
         for p in (REPO_ROOT / "proxy" / "core").rglob("*.py")
     }
-    assert core - compiled == {"proxy.core.h2.hpack_table"}
+    assert core - compiled == {
+        "proxy.core",
+        "proxy.core.balancing",
+        "proxy.core.h2",
+        "proxy.core.h2.hpack_table",
+    }
     makefile = (REPO_ROOT / "Makefile").read_text()
     for path in _compiled_setup_list():
         if path.startswith("proxy/runtime/"):
@@ -104,3 +110,52 @@ def test_the_stale_check_looks_only_at_a_source_tree(tmp_path: Path) -> None:
     assert _in_source_tree(tmp_path / "checkout" / "proxy" / "core" / shim)
     # An installed wheel: pip's file times say nothing about which is older.
     assert not _in_source_tree(tmp_path / "site-packages" / "proxy" / "core" / shim)
+
+
+def _wheel_files(tmp_path: Path, env: dict[str, str]) -> tuple[list[str], str]:
+    """Build the project's wheel as `pip wheel` does, from a copy of the sources (a checkout
+    holds compiled modules and a build/ directory that are not the point here), without build
+    isolation (this venv's setuptools and mypy: no network), and list what it holds."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    shutil.copytree(
+        REPO_ROOT / "proxy",
+        source / "proxy",
+        ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+    )
+    command = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation"]
+    out = subprocess.run(
+        [*command, "--wheel-dir", str(tmp_path / "wheel"), str(source)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "wheel").glob("grpc_etcd_proxy-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        return archive.namelist(), out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("why", ["GRPC_ETCD_PROXY_PURE", "no C compiler"])
+def test_without_a_compiler_or_with_the_switch_the_wheel_is_pure_python(
+    tmp_path: Path, why: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_ETCD_PROXY_PURE"}
+    if why == "GRPC_ETCD_PROXY_PURE":
+        env["GRPC_ETCD_PROXY_PURE"] = "1"
+    else:
+        # A PATH with python but without the compiler sysconfig names.
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "python").symlink_to(sys.executable)
+        env["PATH"] = str(bin_dir)
+    files, output = _wheel_files(tmp_path, env)
+    assert not [f for f in files if f.endswith(tuple(EXTENSION_SUFFIXES))], files
+    assert "proxy/core/call.py" in files and "proxy/runtime/downstream.py" in files
+    assert "installing pure Python" in output, output
