@@ -31,7 +31,10 @@ from loadtest.procs import SetupError, log
 from loadtest.report import NOT_AVAILABLE, SKIPPED, Row, Scenario
 from loadtest.stats import Measurement
 
-TARGETS = ("direct", "haproxy", "proxy")
+TARGETS = ("direct", "haproxy", "proxy", "proxy-pure")
+# proxy-pure: the same proxy with GRPC_ETCD_PROXY_PURE=1 (its pure-Python modules, not the
+# compiled ones), the "before" of the compiled data path in the same run; asked for by name.
+DEFAULT_TARGETS = ("direct", "haproxy", "proxy")
 REFERENCES = ("direct", "haproxy")
 H2C_SCENARIOS = ("small", "large", "serial", "ghz")
 TLS_SCENARIOS = ("tls-small", "tls-large", "tls-handshake")
@@ -175,8 +178,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         type=_names(TARGETS),
-        default=list(TARGETS),
-        help=f"comma-separated targets (default: {','.join(TARGETS)})",
+        default=list(DEFAULT_TARGETS),
+        help=f"comma-separated targets out of {','.join(TARGETS)} "
+        f"(default: {','.join(DEFAULT_TARGETS)})",
     )
     parser.add_argument(
         "--scenarios",
@@ -454,6 +458,8 @@ def start_target(
             argv = proxy_argv(template, listen, backends.addresses, tls)
         except (KeyError, IndexError, ValueError) as exc:
             return Target(name, failure=f"bad {flag}: {exc}", tls=backends.tls)
+        if name == "proxy-pure":
+            argv = ["env", "GRPC_ETCD_PROXY_PURE=1", *argv]
     argv = procs.pinned(argv, ctx.pinning.proxy_cpu)
     target = launch(sup, name, argv, port, ctx.args.startup_timeout, tls=backends.tls)
     target.backend_pids = list(backends.pids)

@@ -20,7 +20,12 @@ MIN_CPU_SHARE = 0.05  # below this the CPU figure is too coarse to divide by
 DISTURBED = 0.1  # other processes' CPU, in cores, from which a row is flagged as disturbed
 NONE = "\u2013"  # en dash: no figure
 TIMES = "\u00d7"
-TARGET_LABELS = {"direct": "direct (1 backend)", "haproxy": "HAProxy", "proxy": "our proxy"}
+TARGET_LABELS = {
+    "direct": "direct (1 backend)",
+    "haproxy": "HAProxy",
+    "proxy": "our proxy",
+    "proxy-pure": "our proxy, pure Python",
+}
 
 
 @dataclass(frozen=True)
