@@ -174,7 +174,8 @@ def tls_contexts(cfg: ServeConfig) -> TLSContexts:
         listener = None
         if any(cfg.is_tls(address) for address in cfg.listen) and cfg.tls_cert and cfg.tls_key:
             listener = tls.server_context(
-                tls.ServerTLSFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                tls.ServerTLSFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca),
+                http1=cfg.grpc_web,
             )
         built: dict[tls.UpstreamTLSFiles, tls.UpstreamTLS] = {}
 

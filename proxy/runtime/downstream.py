@@ -43,7 +43,7 @@ from proxy.core.identity import identity_of
 from proxy.core.web_call import open_h2_web_call
 from proxy.runtime.http1 import Http1Connection
 from proxy.runtime.protocol import H2Protocol
-from proxy.runtime.tls import ALPN_H2
+from proxy.runtime.tls import ALPN_H2, ALPN_HTTP1
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -153,7 +153,13 @@ class Downstream(H2Protocol):
             self.peer = "unix" if peer is not None else "?"
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # a TLS listener, the handshake done (tls_accept.py)
-            if ssl_object.selected_alpn_protocol() != ALPN_H2:
+            alpn = ssl_object.selected_alpn_protocol()
+            if alpn == ALPN_HTTP1 and self.web is not None:
+                # Offered only with gRPC-Web on (tls.server_context): HTTP/1.1 from the start.
+                self.identity = identity_of(ssl_object.getpeercert())
+                self._to_http1(self.web, b"")
+                return
+            if alpn != ALPN_H2:
                 # RFC 9113 3.2: h2 over TLS is chosen by ALPN. Python's ssl cannot send the
                 # no_application_protocol alert, so the client gets close_notify at once.
                 self.listener.tls_failures["no_h2"] += 1

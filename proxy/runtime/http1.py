@@ -177,7 +177,8 @@ class Http1Connection(asyncio.Protocol):
         self.listener.http1_connections.add(self)
         if self.listener.draining:
             self.draining = True
-        self.data_received(data)
+        if data:  # none when TLS chose http/1.1 by ALPN: b"" would tell h11 the client left
+            self.data_received(data)
 
     # ------------------------------------------------------------------ input
 

@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from typing import Final
 
 ALPN_H2: Final = "h2"
+# Offered after h2 by a TLS listener that serves gRPC-Web: an HTTP/1.1-only client (curl
+# --http1.1, an old browser stack) gets the HTTP/1.1 front end, the others keep h2.
+ALPN_HTTP1: Final = "http/1.1"
 
 
 class TLSFileError(Exception):
@@ -99,8 +102,11 @@ def _load_ca(context: ssl.SSLContext, path: str, setting: str) -> None:
         raise TLSFileError(setting, path, _reason(exc)) from None
 
 
-def server_context(files: ServerTLSFiles) -> ssl.SSLContext:
+def server_context(files: ServerTLSFiles, http1: bool = False) -> ssl.SSLContext:
+    """`http1`: offer http/1.1 after h2 in ALPN (gRPC-Web is on)."""
     context = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    if http1:
+        context.set_alpn_protocols([ALPN_H2, ALPN_HTTP1])
     _load_chain(context, files.cert, files.key, ("tls_cert", "tls_key"))
     if files.client_ca:
         _load_ca(context, files.client_ca, "tls_client_ca")

@@ -193,8 +193,10 @@ def test_route_allow_lets_only_the_listed_identity_call(
 def test_a_client_without_alpn_h2_is_closed_at_once(
     tls_ca: TestCA, server_certs: CertFiles, plain_backend: EchoServer
 ) -> None:
+    # With gRPC-Web on, http/1.1 is offered too (tests/grpcweb/test_grpcweb_tls.py).
     port = free_port()
-    with start_proxy([*_tls_args(server_certs, port), "--backend", plain_backend.address]) as (
+    args = [*_tls_args(server_certs, port), "--no-grpc-web", "--backend", plain_backend.address]
+    with start_proxy(args) as (
         proc,
         _,
     ):
