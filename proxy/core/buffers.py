@@ -15,7 +15,9 @@ the stalled streams' windows stop).
 
 Past `shed_at` of the budget the proxy refuses new streams (REFUSED_STREAM, which clients
 retry), and past the whole budget the connections holding the most bytes are sent
-GOAWAY(ENHANCE_YOUR_CALM) and closed (see proxy.runtime.listener's sweep).
+GOAWAY(ENHANCE_YOUR_CALM) and closed: at the end of the loop turn in which a grant was refused
+or bytes were queued over the budget (`BufferMeter.on_over`), and at proxy.runtime.listener's
+sweep.
 """
 
 from __future__ import annotations

@@ -236,15 +236,13 @@ class Call:
         assert up is not None
         if self.replay is not None:
             self.replay_len += len(data)
-            # The copy is memory held for the client. Within half the base window it is not
-            # counted (like the base window itself: every call gets that much); past it, it
-            # counts in the buffer budget, and when that has no room the call gives up its
-            # replay rather than the process its memory.
+            # The copy is memory held for the client: it counts in the buffer budget from its
+            # first byte (a flood of small calls would otherwise hold copies nobody counts),
+            # and when the budget has no room the call gives up its replay rather than the
+            # process its memory.
             if self.replay_len > self.router.replay_limit:
                 self.replay = None  # too big to replay: a refusal now fails the call
                 self._release_replay()
-            elif self.replay_len <= self.ask_after:
-                self.replay.append(data)
             elif self.client.buffer.hold(len(data), self.client.h2.queued):
                 self.replay.append(data)
                 self.replay_held += len(data)

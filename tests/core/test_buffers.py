@@ -82,6 +82,20 @@ def test_the_codec_counts_queued_data_until_it_is_sent() -> None:
     assert server.queued == meter.queued == 0
 
 
+def test_bytes_queued_over_the_budget_ask_for_a_shed_at_once() -> None:
+    """Streams opened before the budget filled still receive their base windows: queued
+    over the budget, those bytes call `on_over` (the listener sheds at the loop turn's end)
+    without waiting for a grant to be refused or for the next sweep."""
+    meter = BufferMeter(budget=20 * KiB)
+    calls: list[int] = []
+    meter.on_over = lambda: calls.append(meter.queued)
+    server, _client, sid = _server_with_stream(meter)
+    server.send_data(sid, b"x" * (65_535 + 10 * KiB))  # 10 KiB queued: under the budget
+    assert calls == []
+    server.send_data(sid, b"y" * (20 * KiB))  # 30 KiB queued: over it
+    assert calls == [30 * KiB]
+
+
 def test_a_reset_or_a_lost_connection_frees_the_count() -> None:
     meter = BufferMeter()
     server, _client, sid = _server_with_stream(meter)

@@ -812,15 +812,16 @@ async def test_a_replay_copy_counts_and_is_given_up_when_the_budget_has_no_room(
     cap = (FULL - BASE) + 40 * 1024
     client = FakeClient(router, buffer=ConnectionBuffer(meter, cap, BASE, FULL))
     call = client.start()
-    first = b"a" * (BASE // 2)  # within half the base window: kept, not counted
+    first = b"a" * 8_000  # counted from the first byte
     client.send(1, first)
-    assert call.replay == [first] and call.replay_held == 0
-    client.send(1, b"b" * 16_000)  # past it: the stream's window grows, and the copy counts
+    assert call.replay == [first] and call.replay_held == 8_000
+    assert meter.granted == 8_000
+    client.send(1, b"b" * 16_000)  # past half the base: the stream's window grows too
     assert call.granted_in == FULL - BASE
-    assert call.replay_held == 16_000
-    assert meter.granted == FULL - BASE + 16_000
-    client.send(1, b"c" * 16_000)  # 32,000 of 40,960: still counted
-    assert call.replay_held == 32_000
+    assert call.replay_held == 24_000
+    assert meter.granted == FULL - BASE + 24_000
+    client.send(1, b"c" * 16_000)  # 40,000 of 40,960: still counted
+    assert call.replay_held == 40_000
     client.send(1, b"d" * 16_000)  # would pass the cap: the copy is given up, not the memory
     assert call.replay is None
     assert call.replay_held == 0 and meter.granted == FULL - BASE

@@ -795,9 +795,18 @@ class Connection:
                 self._meter.queued += n
         if end_stream:
             st.pending_end = True
-        if self._write_paused:
-            return 0
-        return self._flush_stream(st)
+        sent = 0 if self._write_paused else self._flush_stream(st)
+        meter = self._meter
+        # Bytes left queued over the budget (the base windows of streams opened before it
+        # filled) shed at this loop turn's end, not at the next sweep.
+        if (
+            st.pending_len
+            and meter is not None
+            and meter.on_over is not None
+            and meter.queued + meter.granted > meter.budget
+        ):
+            meter.on_over()
+        return sent
 
     def _flush_stream(self, st: Stream) -> int:
         sent = 0
