@@ -198,18 +198,6 @@ class Connection:
         # with no traffic from us are a flood (the rule grpc servers enforce as ping strikes).
         self._pings_since_data = 0
 
-        self._handlers: tuple[Callable[[int, int, bytes, list[Event]], None], ...] = (
-            self._receive_data_frame,
-            self._receive_headers_frame,
-            self._receive_priority_frame,
-            self._receive_rst_stream_frame,
-            self._receive_settings_frame,
-            self._receive_push_promise_frame,
-            self._receive_ping_frame,
-            self._receive_goaway_frame,
-            self._receive_window_update_frame,
-            self._receive_continuation_frame,
-        )
         if role is Role.CLIENT:
             self._start()
         # A server sends its SETTINGS once the client's preface has arrived: before that, the
@@ -262,7 +250,6 @@ class Connection:
                 self._inbuf = buf
                 return []
         events: list[Event] = []
-        handlers = self._handlers
         max_size = self.limits.max_frame_size
         pos = 0
         end = len(buf)
@@ -290,8 +277,29 @@ class Connection:
                         ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS"
                     )
                 self._settings_seen = True
-            if kind < 10:
-                handlers[kind](flags, stream_id, payload, events)
+            # A chain of comparisons, the common frames first, rather than a table of bound
+            # methods: compiled, each of these is a direct C call, and a table's entries are
+            # Python calls (arguments boxed, parsed again on the way in).
+            if kind == fr.DATA:
+                self._receive_data_frame(flags, stream_id, payload, events)
+            elif kind == fr.HEADERS:
+                self._receive_headers_frame(flags, stream_id, payload, events)
+            elif kind == fr.WINDOW_UPDATE:
+                self._receive_window_update_frame(flags, stream_id, payload, events)
+            elif kind == fr.PING:
+                self._receive_ping_frame(flags, stream_id, payload, events)
+            elif kind == fr.SETTINGS:
+                self._receive_settings_frame(flags, stream_id, payload, events)
+            elif kind == fr.RST_STREAM:
+                self._receive_rst_stream_frame(flags, stream_id, payload, events)
+            elif kind == fr.CONTINUATION:
+                self._receive_continuation_frame(flags, stream_id, payload, events)
+            elif kind == fr.GOAWAY:
+                self._receive_goaway_frame(flags, stream_id, payload, events)
+            elif kind == fr.PRIORITY:
+                self._receive_priority_frame(flags, stream_id, payload, events)
+            elif kind == fr.PUSH_PROMISE:
+                self._receive_push_promise_frame(flags, stream_id, payload, events)
             # Unknown frame types are ignored (RFC 9113 4.1, 5.5).
         self._inbuf = buf[pos:] if pos < end else b""
         return events
