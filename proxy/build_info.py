@@ -60,14 +60,17 @@ def _in_source_tree(module: Path) -> bool:
     return (package_root / "setup.py").is_file()
 
 
+# The shared library mypyc builds (setup.py's group name), imported by every module shim.
+LIBRARY = "proxy.compiled__mypyc"
+
+
 def _built_at(shim: Path) -> float:
     """When the compiled code behind a module was built: mypyc puts it in one shared library
-    (`proxy.compiled__mypyc`), and rebuilds leave unchanged module shims alone."""
+    (LIBRARY), and rebuilds leave unchanged module shims alone."""
     built = shim.stat().st_mtime
-    for name, module in list(sys.modules.items()):
-        library = getattr(module, "__file__", None)
-        if name.endswith("__mypyc") and library:
-            built = max(built, Path(library).stat().st_mtime)
+    library = getattr(sys.modules.get(LIBRARY), "__file__", None)
+    if library:
+        built = max(built, Path(library).stat().st_mtime)
     return built
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import proxy
-from proxy.build_info import PROBES, build_info
+from proxy.build_info import LIBRARY, PROBES, build_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,6 +79,8 @@ def test_version_names_the_build() -> None:
 def test_setup_compiles_what_the_build_info_probes_and_the_makefile_watches() -> None:
     compiled = {_module_name(p) for p in _compiled_setup_list()}
     assert set(PROBES) <= compiled
+    # The library build_info's stale check reads is the one setup.py names.
+    assert f'group_name="{LIBRARY.removesuffix("__mypyc")}"' in (REPO_ROOT / "setup.py").read_text()
     # Left out of proxy/core on purpose: the module that subclasses hpack's untyped table,
     # and the packages' __init__ files (re-exports).
     core = {
