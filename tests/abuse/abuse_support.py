@@ -76,7 +76,8 @@ class Bystander:
                 self.ok += 1
                 self.slowest_s = max(self.slowest_s, time.monotonic() - started)
             except (grpc.RpcError, AssertionError) as exc:
-                self.errors.append(repr(exc))
+                # When it failed, on the clock of the proxy's log lines (monotonic time differs).
+                self.errors.append(f"at {time.strftime('%H:%M:%S')}: {exc!r}")
             self._stop.wait(0.005)
 
     def start(self) -> Bystander:

@@ -14,12 +14,15 @@ from proxy_process import start_proxy
 
 @pytest.fixture
 def abuse_proxy(echo_backends: EchoBackendsFactory) -> Iterator[ProxyFactory]:
-    """Factory: ``abuse_proxy(*extra_args)`` starts the proxy in front of one echo backend."""
+    """Factory: ``abuse_proxy(*extra_args, backend=None)`` starts the proxy in front of one echo
+    backend (a new in-process one unless ``backend`` gives an address)."""
     with contextlib.ExitStack() as stack:
 
-        def start(*extra_args: str) -> RunningProxy:
-            (backend,) = echo_backends(1)
-            args = ["serve", "--backend", backend.address, *extra_args]
+        def start(*extra_args: str, backend: str | None = None) -> RunningProxy:
+            """`backend`: an address to relay to instead of a new in-process echo backend."""
+            if backend is None:
+                backend = echo_backends(1)[0].address
+            args = ["serve", "--backend", backend, *extra_args]
             proc, port = stack.enter_context(start_proxy(args))
             return RunningProxy(proc, port)
 
