@@ -409,9 +409,11 @@ class Http1Connection(asyncio.Protocol):
 
     def mark(self) -> None:
         if not self.dirty:
+            self.dirty = True
             self.flusher.mark(self)
 
     def flush(self) -> None:
+        self.dirty = False
         transport = self.transport
         if self.closed or transport is None:
             return

@@ -21,9 +21,11 @@ class H2Protocol(asyncio.Protocol):
 
     def mark(self) -> None:
         if not self.dirty:  # most marks repeat one made earlier in the same callback
+            self.dirty = True
             self.flusher.mark(self)
 
     def flush(self) -> None:
+        self.dirty = False
         if self.closed or self.transport is None:
             return
         data = self.h2.data_to_send()

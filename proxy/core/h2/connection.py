@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 
 _U32 = struct.Struct(">I")
 _FRAME_HEADER = fr._HEADER
+# Whether this module runs compiled by mypyc (its file is then the extension module): a few
+# hot spots take the form that is cheaper for the build that runs.
+_COMPILED: Final = not __file__.endswith(".py")
 _PLAIN_HEADERS_MASK = fr.FLAG_END_HEADERS | fr.FLAG_PADDED | fr.FLAG_PRIORITY
 _END_HEADERS_STREAM = fr.FLAG_END_HEADERS | fr.FLAG_END_STREAM
 _U32X2 = struct.Struct(">II")
@@ -254,19 +257,38 @@ class Connection:
         pos = 0
         end = len(buf)
         unpack = fr._HEADER.unpack_from
+        # Declared so that mypyc keeps the fields as C integers: left as unpack's Any, every
+        # shift, mask and comparison below was a generic Python operation (about 2,000
+        # instructions per frame, 7 frames per serial call).
+        word: int
+        flags: int
+        stream_id: int
         while end - pos >= 9:
-            word, flags, stream_id = unpack(buf, pos)
-            length = word >> 8
+            if _COMPILED:
+                # Compiled, indexing bytes is a C load: cheaper than a call into struct (about
+                # 650 instructions a frame). Interpreted, the one call is the cheaper way.
+                length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+                kind = buf[pos + 3]
+                flags = buf[pos + 4]
+                stream_id = (
+                    ((buf[pos + 5] & 0x7F) << 24)
+                    | (buf[pos + 6] << 16)
+                    | (buf[pos + 7] << 8)
+                    | buf[pos + 8]
+                )
+            else:
+                word, flags, stream_id = unpack(buf, pos)
+                length = word >> 8
+                kind = word & 0xFF
+                stream_id &= 0x7FFF_FFFF
             if length > max_size:
                 raise H2ConnectionError(
                     ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds {max_size}"
                 )
             if end - pos - 9 < length:
                 break
-            kind = word & 0xFF
             payload = buf[pos + 9 : pos + 9 + length]
             pos += 9 + length
-            stream_id &= 0x7FFF_FFFF
             if self._cont_stream_id and kind != fr.CONTINUATION:
                 raise H2ConnectionError(
                     ErrorCode.PROTOCOL_ERROR, "header block interrupted by another frame"
@@ -646,7 +668,8 @@ class Connection:
     ) -> None:
         if len(payload) != 4:
             raise H2ConnectionError(ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE length must be 4")
-        increment = _U32.unpack(payload)[0] & 0x7FFF_FFFF
+        increment: int = _U32.unpack(payload)[0]  # a C integer when compiled (see receive_data)
+        increment &= 0x7FFF_FFFF
         if sid == 0:
             if increment == 0:
                 raise H2ConnectionError(ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
