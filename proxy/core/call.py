@@ -40,7 +40,9 @@ from proxy.core.h2.events import HeaderList
 from proxy.core.ports import BackendSide, CallRouter, ClientSide, Refusal
 
 if TYPE_CHECKING:
+    from proxy.core.buffers import ConnectionBuffer
     from proxy.core.endpoints import Endpoint, TargetPool
+    from proxy.core.h2.connection import Connection
     from proxy.core.waiting import WaitQueue
 
 
@@ -65,7 +67,9 @@ class Call:
         "acked",
         "ask_after",
         "attempts",
+        "bh2",
         "bsid",
+        "buffer",
         "client",
         "csid",
         "endpoint",
@@ -115,6 +119,10 @@ class Call:
         self.router = router
         self.phase = ROUTING
         self.upstream: BackendSide | None = None
+        # upstream.h2 and client.buffer, kept here: reached through their protocols, each use
+        # would be a Python attribute lookup; kept in a slot, compiled, it is a C load.
+        self.bh2: Connection | None = None
+        self.buffer: ConnectionBuffer = client.buffer
         self.endpoint: Endpoint | None = None
         self.bsid = 0
         self.unsent: list[bytes] = []  # request bytes not yet handed to a backend stream
@@ -142,7 +150,7 @@ class Call:
         self.granted = 0  # backend window granted beyond the base (see proxy.core.buffers)
         self.granted_in = 0  # the same for the client's request stream
         # Past this many bytes a message asks for a window grant, and its replay copy counts.
-        self.ask_after = client.buffer.ask_after
+        self.ask_after = self.buffer.ask_after
 
     # ------------------------------------------------------------------ choosing a backend
 
@@ -173,6 +181,7 @@ class Call:
         self.errors.append(f"{address}: {reason}")
         self.router.release(self)
         self.upstream = None
+        self.bh2 = None
         self.bsid = 0
         if self.replay is None:
             why = (
@@ -220,6 +229,7 @@ class Call:
         """The backend stream exists (its HEADERS are queued): send what the client sent."""
         self.phase = STREAMING
         self.upstream = upstream
+        self.bh2 = upstream.h2
         self.bsid = bsid
         if self.unsent:
             chunks, self.unsent = self.unsent, []
@@ -243,13 +253,15 @@ class Call:
             if self.replay_len > self.router.replay_limit:
                 self.replay = None  # too big to replay: a refusal now fails the call
                 self._release_replay()
-            elif self.client.buffer.hold(len(data), self.client.h2.queued):
+            elif self.buffer.hold(len(data), self.client.h2.queued):
                 self.replay.append(data)
                 self.replay_held += len(data)
             else:
                 self.replay = None  # no room in the budget: a refusal now fails the call
                 self._release_replay()
-        flushed = up.h2.send_data(self.bsid, data, end_stream)
+        bh2 = self.bh2
+        assert bh2 is not None
+        flushed = bh2.send_data(self.bsid, data, end_stream)
         if flushed:
             self.on_upstream_flushed(flushed)
         up.mark()
@@ -291,7 +303,7 @@ class Call:
         up = self.upstream
         if up is None or not self.bsid:
             return
-        buffer = self.client.buffer
+        buffer = self.buffer
         n = buffer.grant(buffer.want, self.client.h2.queued)
         if n:
             self.granted = n
@@ -301,7 +313,7 @@ class Call:
     def _ask_for_request_window(self) -> None:
         """A request longer than half the base window: grow the client stream's window."""
         client = self.client
-        buffer = client.buffer
+        buffer = self.buffer
         n = buffer.grant(buffer.want, client.h2.queued)
         if n:
             self.granted_in = n
@@ -311,19 +323,19 @@ class Call:
     def _release_window(self) -> None:
         """The backend stream is over: its grant goes back to the budget."""
         if self.granted:
-            self.client.buffer.release(self.granted)
+            self.buffer.release(self.granted)
             self.granted = 0
 
     def _release_replay(self) -> None:
         if self.replay_held:
-            self.client.buffer.release(self.replay_held)
+            self.buffer.release(self.replay_held)
             self.replay_held = 0
 
     def _release_windows(self) -> None:
         """The call is over: both streams' grants go back."""
         self._release_window()
         if self.granted_in:
-            self.client.buffer.release(self.granted_in)
+            self.buffer.release(self.granted_in)
             self.granted_in = 0
 
     def on_response_trailers(self, headers: HeaderList) -> None:
@@ -374,8 +386,9 @@ class Call:
     def on_client_flushed(self, length: int) -> None:
         """Response bytes reached the client's socket: the backend may send that much more."""
         up = self.upstream
-        if up is not None and self.bsid:
-            up.h2.ack_data(self.bsid, length)
+        bh2 = self.bh2
+        if up is not None and bh2 is not None and self.bsid:
+            bh2.ack_data(self.bsid, length)
             up.mark()
 
     def on_client_reset(self, code: int) -> None:
