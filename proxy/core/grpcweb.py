@@ -122,7 +122,11 @@ def web_kind(headers: HeaderList) -> int:
 
 def content_kind(content_type: bytes) -> int:
     """The kind of a request with this content-type (NATIVE for anything not gRPC-Web)."""
-    if content_type.startswith(b"-web", 16):
+    if content_type == _GRPC:
+        return NATIVE  # the usual spelling, by one compare
+    # A slice compare, not startswith(b"-web", 16): compiled, startswith with a start offset
+    # is a Python method call (about 1,000 instructions a stream).
+    if content_type[16:20] == b"-web":
         return _web_content_kind(content_type)
     if content_type.startswith(_GRPC):
         return NATIVE  # application/grpc[+proto]: the native path, at no cost

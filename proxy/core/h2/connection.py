@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from proxy.core.buffers import BufferMeter
 
 _U32 = struct.Struct(">I")
-_FRAME_HEADER = fr._HEADER
+_pack_header: Final = fr.pack_header
 # Whether this module runs compiled by mypyc (its file is then the extension module): a few
 # hot spots take the form that is cheaper for the build that runs.
 _COMPILED: Final = not __file__.endswith(".py")
@@ -784,7 +784,7 @@ class Connection:
         n = len(block)
         if n <= self._remote_max_frame_size:  # one frame: skip the general serializer
             flags = _END_HEADERS_STREAM if end_stream else fr.FLAG_END_HEADERS
-            self._out.append(_FRAME_HEADER.pack((n << 8) | fr.HEADERS, flags, sid) + block)
+            self._out.append(_pack_header((n << 8) | fr.HEADERS, flags, sid) + block)
         else:
             self._out.append(fr.headers(sid, block, end_stream, self._remote_max_frame_size))
 
@@ -810,7 +810,7 @@ class Connection:
             elif not end_stream:
                 return 0
             self._out.append(
-                _FRAME_HEADER.pack((n << 8) | fr.DATA, fr.FLAG_END_STREAM if end_stream else 0, sid)
+                _pack_header((n << 8) | fr.DATA, fr.FLAG_END_STREAM if end_stream else 0, sid)
                 + data
             )
             if end_stream:
