@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
+from importlib.machinery import EXTENSION_SUFFIXES
 from typing import TYPE_CHECKING, Final
 
 from hpack import HPACKError, OversizedHeaderListError
@@ -62,9 +63,11 @@ if TYPE_CHECKING:
 
 _U32 = struct.Struct(">I")
 _pack_header: Final = fr.pack_header
-# Whether this module runs compiled by mypyc (its file is then the extension module): a few
-# hot spots take the form that is cheaper for the build that runs.
-_COMPILED: Final = not __file__.endswith(".py")
+_unpack_header: Final = fr._HEADER.unpack_from
+# Whether this module runs compiled by mypyc (its file is then the extension module, by the
+# rule proxy.build_info applies to every data-path module): a few hot spots take the form that
+# is cheaper for the build that runs.
+_COMPILED: Final = __file__.endswith(tuple(EXTENSION_SUFFIXES))
 _PLAIN_HEADERS_MASK = fr.FLAG_END_HEADERS | fr.FLAG_PADDED | fr.FLAG_PRIORITY
 _END_HEADERS_STREAM = fr.FLAG_END_HEADERS | fr.FLAG_END_STREAM
 _U32X2 = struct.Struct(">II")
@@ -256,7 +259,6 @@ class Connection:
         max_size = self.limits.max_frame_size
         pos = 0
         end = len(buf)
-        unpack = fr._HEADER.unpack_from
         # Declared so that mypyc keeps the fields as C integers: left as unpack's Any, every
         # shift, mask and comparison below was a generic Python operation (about 2,000
         # instructions per frame, 7 frames per serial call).
@@ -277,7 +279,7 @@ class Connection:
                     | buf[pos + 8]
                 )
             else:
-                word, flags, stream_id = unpack(buf, pos)
+                word, flags, stream_id = _unpack_header(buf, pos)
                 length = word >> 8
                 kind = word & 0xFF
                 stream_id &= 0x7FFF_FFFF
