@@ -456,8 +456,100 @@ def test_connection_window_limits_all_streams_and_window_update_flushes_them() -
     assert peer.conn.send_data(3, b"b" * 10) == 0
     assert peer.out() == []
     events = peer.feed(fr.window_update(0, 10_000))
-    assert events == [DataFlushed(1, 4_465), DataFlushed(3, 10)]
-    assert [(f.stream_id, len(f.payload)) for f in peer.out()] == [(1, 4_465), (3, 10)]
+    # Stream 3 has sent nothing yet: its first frame goes before stream 1's backlog.
+    assert events == [DataFlushed(3, 10), DataFlushed(1, 4_465)]
+    assert [(f.stream_id, len(f.payload)) for f in peer.out()] == [(3, 10), (1, 4_465)]
+
+
+def _spend_connection_window(peer: Peer, sids: tuple[int, ...], size: int) -> None:
+    """Streams `sids` opened and answered, each sending 100 bytes; stream sids[0] spends the
+    rest of the peer's connection window (the default 65,535); each then queues `size` bytes
+    the connection holds back."""
+    for sid in sids:
+        open_request(peer, sid, end_stream=True)
+        respond(peer, sid)
+    for sid in sids:
+        assert peer.conn.send_data(sid, b"w" * 100) == 100
+    rest = 65_535 - 100 * len(sids)
+    assert peer.conn.send_data(sids[0], b"w" * rest) == rest
+    peer.out()
+    for sid in sids:
+        assert peer.conn.send_data(sid, bytes([sid]) * size) == 0
+    assert peer.out() == []
+
+
+def test_streams_held_back_by_the_connection_window_take_turns_a_frame_each() -> None:
+    peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
+    _spend_connection_window(peer, (1, 3, 5), 100_000)
+    peer.feed(fr.window_update(0, 4 * 16_384))
+    # Round-robin in the order they queued, one frame per turn, not stream 1 until it is done.
+    assert [(f.stream_id, len(f.payload)) for f in peer.out()] == [
+        (1, 16_384), (3, 16_384), (5, 16_384), (1, 16_384)
+    ]  # fmt: skip
+    peer.feed(fr.window_update(0, 2 * 16_384))
+    assert [f.stream_id for f in peer.out()] == [3, 5]
+    assert [peer.conn.pending_bytes(s) for s in (1, 3, 5)] == [100_000 - 2 * 16_384,
+                                                                100_000 - 2 * 16_384,
+                                                                100_000 - 2 * 16_384]  # fmt: skip
+
+
+def test_a_new_small_call_is_not_queued_behind_other_streams_backlogs() -> None:
+    """Issue 13: a well-behaved call sharing a backend connection with an attack's uploads
+    waited for all of them. Its request goes out with the first window the peer gives."""
+    peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
+    _spend_connection_window(peer, tuple(range(1, 200, 2)), 1 << 20)
+    open_request(peer, 201, end_stream=True)
+    respond(peer, 201)
+    assert peer.conn.send_data(201, b"small", end_stream=True) == 0
+    peer.feed(fr.window_update(0, 16_384))
+    frames = peer.out()
+    assert (frames[0].stream_id, frames[0].payload, frames[0].flags & fr.FLAG_END_STREAM) == (
+        201, b"small", fr.FLAG_END_STREAM
+    )  # fmt: skip
+
+
+def test_a_stream_reset_while_held_back_gets_nothing_and_leaves_the_queue() -> None:
+    peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
+    _spend_connection_window(peer, (1, 3), 1_000)
+    peer.conn.reset_stream(1)
+    peer.out()
+    peer.feed(fr.window_update(0, 100_000))
+    assert [(f.stream_id, len(f.payload)) for f in peer.out()] == [(3, 1_000)]
+
+
+def test_streams_reset_while_the_peer_gives_no_window_do_not_grow_the_queue() -> None:
+    peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
+    _spend_connection_window(peer, (1,), 10)
+    for sid in range(3, 3 + 2 * 1_000, 2):
+        open_request(peer, sid, end_stream=True)
+        respond(peer, sid)
+        peer.conn.send_data(sid, b"x" * 10)
+        peer.conn.reset_stream(sid)
+        peer.out()
+    assert len(peer.conn._fresh) + len(peer.conn._waiting) <= 2 * 64 + 1
+    peer.feed(fr.window_update(0, 100))
+    assert [(f.stream_id, len(f.payload)) for f in peer.out()] == [(1, 10)]
+
+
+def test_a_paused_transport_holds_data_and_resumes_streams_in_turn() -> None:
+    peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
+    for sid in (1, 3):
+        open_request(peer, sid, end_stream=True)
+        respond(peer, sid)
+    assert peer.conn.send_data(1, b"a" * 100) == 100
+    peer.out()
+    peer.conn.pause_writing()
+    assert peer.conn.send_data(1, b"a" * 40_000) == 0
+    assert peer.conn.send_data(3, b"b" * 10, end_stream=True) == 0
+    assert peer.out() == []
+    assert peer.conn.resume_writing() == [
+        DataFlushed(3, 10), DataFlushed(1, 16_384), DataFlushed(1, 16_384), DataFlushed(1, 7_232)
+    ]  # fmt: skip
+    frames = peer.out()
+    assert [(f.stream_id, len(f.payload)) for f in frames] == [
+        (3, 10), (1, 16_384), (1, 16_384), (1, 7_232)
+    ]  # fmt: skip
+    assert frames[0].flags & fr.FLAG_END_STREAM
 
 
 def test_initial_window_size_change_adjusts_open_streams() -> None:

@@ -118,8 +118,10 @@ class Stream:
         "recv_window",
         "remote_closed",
         "send_window",
+        "sent_data",
         "stream_id",
         "unacked",
+        "waiting",
     )
 
     def __init__(self, stream_id: int, send_window: int, recv_window: int) -> None:
@@ -137,6 +139,8 @@ class Stream:
         self.headers_sent = False
         self.expected_length = -1  # content-length of the request, checked against DATA
         self.received_length = 0
+        self.sent_data = False  # any DATA written yet (a new stream's first frame goes first)
+        self.waiting = False  # in Connection._waiting
 
 
 class Connection:
@@ -192,6 +196,14 @@ class Connection:
 
         self._write_paused = False
         self._queued_control = 0
+        # Streams with DATA the connection holds back (its window spent, or the transport
+        # paused), in the order they get the window back: round-robin, a frame per turn, a new
+        # stream's first frame first. One stream's backlog must not starve the others sharing
+        # the connection (a small call queued behind megabytes of other calls' uploads waited
+        # for all of them when this was the streams' dict order).
+        self._fresh: deque[Stream] = deque()  # those that have sent no DATA yet: served first
+        self._waiting: deque[Stream] = deque()
+        self._waiting_closed = 0  # closed streams still queued (dropped when popped)
         # Flood counters guard us from clients. A backend is ours to trust: tripping there
         # would kill every stream it carries for every client, so its limits are off.
         guard = role is Role.SERVER
@@ -629,6 +641,9 @@ class Connection:
                     )
         self._send_control(fr.SETTINGS_ACK)
         if window_delta > 0:
+            for st in self.streams.values():
+                if st.pending_len and st.send_window > 0:
+                    self._hold(st)
             self._flush_all(ev)
         # A client reports the first SETTINGS always: it waits for it to learn the peer's
         # stream limit before opening streams (as grpc-go does).
@@ -692,10 +707,13 @@ class Connection:
         if st.send_window > fr.MAX_WINDOW:
             self._reset(sid, ErrorCode.FLOW_CONTROL_ERROR, ev)
             return
-        if (st.pending_len or st.pending_end) and not self._write_paused:
-            flushed = self._flush_stream(st)
-            if flushed:
-                ev.append(DataFlushed(sid, flushed))
+        if st.pending_len:
+            if self._write_paused:
+                self._hold(st)
+            else:
+                flushed = self._flush_stream(st)
+                if flushed:
+                    ev.append(DataFlushed(sid, flushed))
 
     # ------------------------------------------------------------------ stream bookkeeping
 
@@ -714,10 +732,27 @@ class Connection:
         self.streams.pop(sid, None)
         if st.pending_len:  # reset with data queued: it will never be sent
             self._drop_queued(st)
+        if st.waiting:
+            self._waiting_closed += 1
+            queued = len(self._fresh) + len(self._waiting)
+            if self._waiting_closed > 64 and self._waiting_closed * 2 > queued:
+                # A peer that gives no window while streams are reset must not grow the queues.
+                self._fresh = self._live(self._fresh)
+                self._waiting = self._live(self._waiting)
+                self._waiting_closed = 0
         rc = self._recently_closed
         rc[sid] = how
         if len(rc) > _RECENTLY_CLOSED_MAX:
             self._remember_closed(sid, how)  # evicts
+
+    def _live(self, queue: deque[Stream]) -> deque[Stream]:
+        live: deque[Stream] = deque()
+        for st in queue:
+            if self.streams.get(st.stream_id) is st:
+                live.append(st)
+            else:
+                st.waiting = False
+        return live
 
     def _remember_closed(self, sid: int, how: Closed) -> None:
         """Bounded: the oldest entries go first (a stream that old gets treated as closed)."""
@@ -809,6 +844,7 @@ class Connection:
                 st.send_window -= n
                 self._send_conn_window -= n
                 self._pings_since_data = 0
+                st.sent_data = True
             elif not end_stream:
                 return 0
             self._out.append(
@@ -828,7 +864,13 @@ class Connection:
                 self._meter.queued += n
         if end_stream:
             st.pending_end = True
-        sent = 0 if self._write_paused else self._flush_stream(st)
+        if self._write_paused and st.pending_len:
+            self._hold(st)
+            sent = 0
+        else:
+            # (Paused with nothing but the end to send: END_STREAM is not flow-controlled and
+            # goes out now, as HEADERS do.)
+            sent = self._flush_stream(st)
         meter = self._meter
         # Bytes left queued over the budget (the base windows of streams opened before it
         # filled) shed at this loop turn's end, not at the next sweep.
@@ -841,12 +883,26 @@ class Connection:
             meter.on_over()
         return sent
 
-    def _flush_stream(self, st: Stream) -> int:
+    def _hold(self, st: Stream) -> None:
+        """`st` has DATA the connection holds back: it waits its turn in `_flush_all`."""
+        if st.waiting:
+            return
+        st.waiting = True
+        if st.sent_data:
+            self._waiting.append(st)
+        else:
+            self._fresh.append(st)
+
+    def _flush_stream(self, st: Stream, quantum: int = fr.MAX_WINDOW) -> int:
+        """Write `st`'s queue as the windows allow, and at least one frame but no more than
+        `quantum` bytes; held back by the connection, the stream waits in `_waiting`."""
         sent = 0
         pending = st.pending
         while st.pending_len:
             window = min(st.send_window, self._send_conn_window)
-            if window <= 0:
+            if window <= 0 or sent >= quantum:
+                if st.send_window > 0:  # not its own window: the connection's, or its turn
+                    self._hold(st)
                 return sent
             assert pending is not None
             chunk = pending.popleft()
@@ -862,6 +918,7 @@ class Connection:
             if self._meter is not None:
                 self._meter.queued -= n
             self._pings_since_data = 0
+            st.sent_data = True
             last = not st.pending_len and st.pending_end and st.pending_trailers is None
             self._out.append(fr.data(st.stream_id, chunk, last))
             if last:
@@ -879,11 +936,21 @@ class Connection:
         return sent
 
     def _flush_all(self, ev: list[Event]) -> None:
+        """The connection's window grew or its transport resumed: the waiting streams take
+        turns, a frame each, until the window is spent."""
         if self._write_paused:
             return
-        for st in list(self.streams.values()):
-            if st.pending_len or st.pending_end:
-                flushed = self._flush_stream(st)
+        fresh = self._fresh
+        waiting = self._waiting
+        quantum = self._remote_max_frame_size
+        while (fresh or waiting) and self._send_conn_window > 0:
+            st = fresh.popleft() if fresh else waiting.popleft()
+            st.waiting = False
+            if self.streams.get(st.stream_id) is not st:
+                self._waiting_closed -= 1
+                continue
+            if st.pending_len:
+                flushed = self._flush_stream(st, quantum)
                 if flushed:
                     ev.append(DataFlushed(st.stream_id, flushed))
 
@@ -920,6 +987,9 @@ class Connection:
         for st in self.streams.values():
             if st.pending_len:
                 self._drop_queued(st)
+        self._fresh.clear()
+        self._waiting.clear()
+        self._waiting_closed = 0
 
     def grant(self, sid: int, length: int) -> None:
         """Let the peer send `length` more bytes on this stream now, beyond what it was
