@@ -125,12 +125,11 @@ class Attacker:
                     continue
                 if not chunk:
                     return
-                try:
-                    self.h2.receive_data(chunk)
-                except h2.exceptions.ProtocolError:
-                    return
+                self.h2.receive_data(chunk)
                 self._pump()
-        except OSError:
+        except (OSError, h2.exceptions.ProtocolError):
+            # Shed: after the proxy's GOAWAY h2 refuses to send more (and may refuse what
+            # arrives); a shed attacker just stops.
             return
 
     def close(self) -> None:
