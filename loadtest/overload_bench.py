@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import grpc
 import h2.config
@@ -177,7 +178,16 @@ class Bystander:
         self.channel.close()
 
 
-def run(args: argparse.Namespace, label: str, extra: list[str]) -> None:
+class Setup(NamedTuple):
+    backend_port: int
+    port: int
+    admin: int
+    backend: subprocess.Popen[bytes]
+    proxy: subprocess.Popen[bytes]
+
+
+def start(extra: list[str]) -> Setup:
+    """A goecho backend and a proxy in front of it (admin on), started, not yet waited for."""
     backend_port, port, admin = free_port(), free_port(), free_port()
     backend = subprocess.Popen(
         [str(rounds.goecho_binary()), "-addr", f"127.0.0.1:{backend_port}"],
@@ -190,6 +200,11 @@ def run(args: argparse.Namespace, label: str, extra: list[str]) -> None:
          "--access-log-sample", "0", *extra],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
+    return Setup(backend_port, port, admin, backend, proxy)
+
+
+def run(args: argparse.Namespace, label: str, extra: list[str]) -> None:
+    backend_port, port, admin, backend, proxy = start(extra)
     attackers: list[Attacker] = []
     try:
         wait_port(backend_port, backend)

@@ -36,7 +36,6 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from loadtest import overload_bench as ob
-from loadtest import rounds
 from proxy_examples.echo import echo_pb2, echo_pb2_grpc
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -111,19 +110,8 @@ def attack(args: argparse.Namespace) -> int:
 
 
 def profile(args: argparse.Namespace) -> int:
-    backend_port, port, admin = ob.free_port(), ob.free_port(), ob.free_port()
     extra = ob.OUT_OF_REACH if args.limits == "out-of-reach" else []
-    backend = subprocess.Popen(
-        [str(rounds.goecho_binary()), "-addr", f"127.0.0.1:{backend_port}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--backend", f"127.0.0.1:{backend_port}",
-         "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-         "--access-log-sample", "0", *extra],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    backend_port, port, admin, backend, proxy = ob.start(extra)
     procs: dict[str, subprocess.Popen[bytes]] = {"proxy": proxy, "backend": backend}
     probes: list[Probe] = []
     channels: list[grpc.Channel] = []

@@ -445,11 +445,16 @@ def test_send_data_beyond_the_stream_window_queues_until_window_update() -> None
     assert peer.conn.pending_bytes(1) == 0
 
 
-def test_connection_window_limits_all_streams_and_window_update_flushes_them() -> None:
-    peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
-    for sid in (1, 3):
+def _answered(peer: Peer, sids: tuple[int, ...]) -> None:
+    """Requests `sids` received whole and their response headers sent."""
+    for sid in sids:
         open_request(peer, sid, end_stream=True)
         respond(peer, sid)
+
+
+def test_connection_window_limits_all_streams_and_window_update_flushes_them() -> None:
+    peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
+    _answered(peer, (1, 3))
     # The peer's connection window is the default 65,535.
     assert peer.conn.send_data(1, b"a" * 70_000) == 65_535
     assert [len(f.payload) for f in peer.out()] == [16_384, 16_384, 16_384, 16_383]
@@ -465,9 +470,7 @@ def _spend_connection_window(peer: Peer, sids: tuple[int, ...], size: int) -> No
     """Streams `sids` opened and answered, each sending 100 bytes; stream sids[0] spends the
     rest of the peer's connection window (the default 65,535); each then queues `size` bytes
     the connection holds back."""
-    for sid in sids:
-        open_request(peer, sid, end_stream=True)
-        respond(peer, sid)
+    _answered(peer, sids)
     for sid in sids:
         assert peer.conn.send_data(sid, b"w" * 100) == 100
     rest = 65_535 - 100 * len(sids)
@@ -498,8 +501,7 @@ def test_a_new_small_call_is_not_queued_behind_other_streams_backlogs() -> None:
     waited for all of them. Its request goes out with the first window the peer gives."""
     peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
     _spend_connection_window(peer, tuple(range(1, 200, 2)), 1 << 20)
-    open_request(peer, 201, end_stream=True)
-    respond(peer, 201)
+    _answered(peer, (201,))
     assert peer.conn.send_data(201, b"small", end_stream=True) == 0
     peer.feed(fr.window_update(0, 16_384))
     frames = peer.out()
@@ -521,8 +523,7 @@ def test_streams_reset_while_the_peer_gives_no_window_do_not_grow_the_queue() ->
     peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
     _spend_connection_window(peer, (1,), 10)
     for sid in range(3, 3 + 2 * 1_000, 2):
-        open_request(peer, sid, end_stream=True)
-        respond(peer, sid)
+        _answered(peer, (sid,))
         peer.conn.send_data(sid, b"x" * 10)
         peer.conn.reset_stream(sid)
         peer.out()
@@ -533,9 +534,7 @@ def test_streams_reset_while_the_peer_gives_no_window_do_not_grow_the_queue() ->
 
 def test_a_paused_transport_holds_data_and_resumes_streams_in_turn() -> None:
     peer = Peer(settings={fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20})
-    for sid in (1, 3):
-        open_request(peer, sid, end_stream=True)
-        respond(peer, sid)
+    _answered(peer, (1, 3))
     assert peer.conn.send_data(1, b"a" * 100) == 100
     peer.out()
     peer.conn.pause_writing()

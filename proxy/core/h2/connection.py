@@ -140,7 +140,7 @@ class Stream:
         self.expected_length = -1  # content-length of the request, checked against DATA
         self.received_length = 0
         self.sent_data = False  # any DATA written yet (a new stream's first frame goes first)
-        self.waiting = False  # in Connection._waiting
+        self.waiting = False  # in Connection._fresh or Connection._waiting
 
 
 class Connection:
@@ -895,7 +895,7 @@ class Connection:
 
     def _flush_stream(self, st: Stream, quantum: int = fr.MAX_WINDOW) -> int:
         """Write `st`'s queue as the windows allow, and at least one frame but no more than
-        `quantum` bytes; held back by the connection, the stream waits in `_waiting`."""
+        `quantum` bytes; held back by the connection, the stream waits its turn (`_hold`)."""
         sent = 0
         pending = st.pending
         while st.pending_len:
