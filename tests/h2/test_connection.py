@@ -25,6 +25,7 @@ from h2harness import (
 )
 
 from proxy.core.h2 import frames as fr
+from proxy.core.h2 import validation
 from proxy.core.h2.connection import _RECENTLY_CLOSED_MAX, Connection, Role
 from proxy.core.h2.errors import ErrorCode, FloodError, H2ConnectionError, Http1RequestError
 from proxy.core.h2.events import (
@@ -1064,6 +1065,15 @@ BAD_REQUESTS = {
     "content-length not a number": [*REQUEST, (b"content-length", b"12a")],
     "content-length negative": [*REQUEST, (b"content-length", b"-1")],
     "content-length conflicting": [*REQUEST, (b"content-length", b"1"), (b"content-length", b"2")],
+    # RFC 9113 8.2.1: what an HTTP/1 hop further on could read as the end of a field.
+    "NUL in a value": [*REQUEST, (b"x-a", b"a\x00b")],
+    "CR in a value": [*REQUEST, (b"x-a", b"a\rb")],
+    "LF in a value": [*REQUEST, (b"x-a", b"a\nb")],
+    "CR LF in :path": [(b":path", b"/x\r\nHost: evil"), *_without(b":path")],
+    "leading space": [*REQUEST, (b"x-a", b" a")],
+    "trailing tab": [*REQUEST, (b"x-a", b"a\t")],
+    "only a space": [*REQUEST, (b"x-a", b" ")],
+    "empty name": [*REQUEST, (b"", b"a")],
 }
 
 
@@ -1092,6 +1102,26 @@ GOOD_REQUESTS = {
 def test_well_formed_request_is_accepted(headers: list[tuple[bytes, bytes]]) -> None:
     peer = Peer()
     assert peer.headers(1, headers, end_stream=True) == [HeadersReceived(1, headers, True, False)]
+
+
+def test_fields_known_good_do_not_vouch_for_others() -> None:
+    """The checks remember names and values that passed (a block that misses the decoder's
+    cache is mostly fields seen before): a remembered value must not let a near twin through,
+    and a peer sending new values every time must not grow what is remembered."""
+    peer = Peer()
+    good = [*REQUEST, (b"x-a", b"value")]
+    assert peer.headers(1, good, end_stream=True) == [HeadersReceived(1, good, True, False)]
+    for sid, bad in enumerate((b"value ", b" value", b"value\r\n", b"val\x00ue"), start=1):
+        assert peer.headers(2 * sid + 1, [*REQUEST, (b"x-a", bad)]) == []
+        assert peer.out() == [rst(2 * sid + 1, ErrorCode.PROTOCOL_ERROR)]
+    assert peer.headers(11, [*REQUEST, (b"X-A", b"value")]) == []  # the name, upper case
+    for n in range(3 * validation._KNOWN_MAX):
+        assert validation.validate_request([*REQUEST, (b"x-%d" % n, b"v%d" % n)]) == -1
+    assert len(validation._good_values) <= validation._KNOWN_MAX
+    assert len(validation._good_names) <= validation._KNOWN_MAX
+    long = b"v" * (validation._KNOWN_VALUE_LEN_MAX + 1)
+    assert validation.validate_request([*REQUEST, (b"x-long", long)]) == -1
+    assert long not in validation._good_values
 
 
 def test_content_length_matching_the_data_is_accepted() -> None:
