@@ -152,6 +152,7 @@ class Downstream(H2Protocol):
         else:  # a Unix socket's peer has no address ('' from the kernel)
             self.peer = "unix" if peer is not None else "?"
         ssl_object = transport.get_extra_info("ssl_object")
+        self.gather = ssl_object is None
         if ssl_object is not None:  # a TLS listener, the handshake done (tls_accept.py)
             alpn = ssl_object.selected_alpn_protocol()
             if alpn == ALPN_HTTP1 and self.web is not None:

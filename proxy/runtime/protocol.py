@@ -18,6 +18,10 @@ class H2Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.dirty = False
         self.closed = False
+        # A cleartext transport writes a list with one writev: big DATA payloads go out from
+        # where they were received, not copied into one buffer first. TLS joins: each item
+        # written on its own would become a TLS record of its own (uvloop's SSL transport).
+        self.gather = False
 
     def mark(self) -> None:
         if not self.dirty:  # most marks repeat one made earlier in the same callback
@@ -28,7 +32,11 @@ class H2Protocol(asyncio.Protocol):
         self.dirty = False
         if self.closed or self.transport is None:
             return
-        data = self.h2.data_to_send()
+        h2 = self.h2
+        if h2.gathered and self.gather:
+            self.transport.writelines(h2.take_output())
+            return
+        data = h2.data_to_send()
         if data:
             self.transport.write(data)
 

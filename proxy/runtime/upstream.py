@@ -77,6 +77,7 @@ class BackendConnection(H2Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self.gather = transport.get_extra_info("ssl_object") is None
         self.state = State.HANDSHAKE
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.owner.connect_timeout_s, self._handshake_timed_out

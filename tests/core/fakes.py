@@ -369,11 +369,17 @@ class FakeTransport:
         self.closed = False
         self.aborted = False
         self.writes_after_close = 0
+        self.gathered_writes = 0
 
     def write(self, data: bytes) -> None:
         if self.closed:
             self.writes_after_close += 1
         self.buffer += data
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        """A cleartext transport's gathered write: counted as one write."""
+        self.gathered_writes += 1
+        self.write(b"".join(chunks))
 
     def close(self) -> None:
         self.closed = True

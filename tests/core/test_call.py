@@ -18,6 +18,7 @@ from fakes import (
     FakeClient,
     FakeOwner,
     FakeRouter,
+    FakeTransport,
     Frame,
     Response,
     grpc_message,
@@ -75,6 +76,42 @@ def pending(router: FakeRouter, address: str, flusher: Flusher) -> FakeBackend:
 def owner_of(backend: FakeBackend) -> FakeOwner:
     assert isinstance(backend.owner, FakeOwner)
     return backend.owner
+
+
+# ---------------------------------------------------------------------------- writes
+
+
+class _TLSTransport(FakeTransport):
+    """What a TLS transport says of itself (uvloop's SSL transport has an ssl_object)."""
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return object() if name == "ssl_object" else default
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["cleartext", "tls"])
+async def test_big_request_data_is_gathered_on_cleartext_and_joined_on_tls(
+    flusher: Flusher, tls: bool
+) -> None:
+    """Cleartext, the backend connection hands the transport its payloads as they are (one
+    writelines, a writev); TLS joins them into one write, since each item written apart
+    would become a TLS record of its own. The backend gets the same frames either way."""
+    router = FakeRouter(A)
+    owner = FakeOwner(A)
+    backend = FakeBackend(owner, flusher)
+    if tls:
+        backend.transport = _TLSTransport()
+    backend.connect()
+    router.owners[A] = owner
+    backend.handshake()
+    client = FakeClient(router)
+    client.start()
+    payload = bytes(range(256)) * 40  # 10 KiB: a frame, over the size gathered apart
+    client.send(1, payload)
+    client.send(1, payload, end_stream=True)
+    backend.read()
+    assert backend.streams[1].data == [payload, payload]
+    assert backend.streams[1].ended
+    assert (backend.transport.gathered_writes > 0) is not tls
 
 
 # ---------------------------------------------------------------------------- replay

@@ -710,6 +710,60 @@ def test_exceeding_the_connection_window_is_a_connection_error() -> None:
     assert exc.code is ErrorCode.FLOW_CONTROL_ERROR
 
 
+# ---------------------------------------------------------------------------- copies
+
+# A large window, so that 64 KiB payloads go out at once (RFC 9113 6.5.2 SETTINGS_INITIAL_...).
+BIG_WINDOWS = {fr.SETTINGS_INITIAL_WINDOW_SIZE: 1 << 20, fr.SETTINGS_MAX_FRAME_SIZE: 1 << 16}
+
+
+def test_big_payloads_are_queued_apart_from_their_header() -> None:
+    """What a gathering transport writes (take_output: one writev) holds the payload object
+    itself, not a copy of it behind its header; the joined output is the same bytes."""
+    peer = Peer(settings=BIG_WINDOWS)
+    peer.feed(fr.window_update(0, 1 << 20))
+    open_request(peer)
+    respond(peer)
+    big = bytes(range(256)) * 200  # 51,200 bytes: over _GATHER_MIN, under the frame size
+    small = b"s" * 100
+    assert peer.conn.send_data(1, big) == len(big)
+    assert peer.conn.gathered
+    assert peer.conn.send_data(1, small) == len(small)
+    out = peer.conn.take_output()
+    assert not peer.conn.gathered
+    assert out[1] is big  # the very object: no copy
+    assert b"".join(out) == fr.data(1, big) + fr.data(1, small)
+    assert len(out) == 3  # header, payload, then the small frame in one piece
+    assert peer.conn.take_output() == []
+    # data_to_send joins the same way, for transports that do not gather.
+    assert peer.conn.send_data(1, big, end_stream=True) == len(big)
+    assert peer.conn.data_to_send() == fr.data(1, big, end_stream=True)
+    assert not peer.conn.gathered
+
+
+def test_a_frame_across_reads_is_completed_and_the_rest_parsed_in_place() -> None:
+    """A read that ends inside a frame leaves its start behind; the next read completes it and
+    the frames after it in that read come out as they would from one read."""
+    peer = Peer(settings=BIG_WINDOWS)
+    open_request(peer)
+    first = b"a" * 15_000
+    second = b"b" * 300
+    third = b"c" * 5_000
+    stream = fr.data(1, first) + fr.data(1, second) + fr.data(1, third, end_stream=True)
+    cut1 = 9 + 1_000  # inside the first frame's payload
+    cut2 = len(fr.data(1, first)) + len(fr.data(1, second)) + 9 + 10  # inside the third
+    events = peer.feed(stream[:cut1])
+    events += peer.feed(stream[cut1:cut2])
+    events += peer.feed(stream[cut2:])
+    assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == first + second + third
+    assert [e.end_stream for e in events if isinstance(e, DataReceived)][-1]
+    # A header cut in two (fewer than 9 bytes left) still joins.
+    peer2 = Peer(settings=BIG_WINDOWS)
+    open_request(peer2)
+    frame = fr.data(1, second, end_stream=True)
+    assert peer2.feed(frame[:4]) == []
+    assert peer2.feed(frame[4:]) == [DataReceived(1, second, True)]
+
+
 # ---------------------------------------------------------------------------- CONTINUATION
 
 

@@ -72,6 +72,9 @@ _PLAIN_HEADERS_MASK = fr.FLAG_END_HEADERS | fr.FLAG_PADDED | fr.FLAG_PRIORITY
 _END_HEADERS_STREAM = fr.FLAG_END_HEADERS | fr.FLAG_END_STREAM
 _U32X2 = struct.Struct(">II")
 _SETTING = struct.Struct(">HI")
+# DATA payloads this big are queued apart from their frame header, not copied behind it: the
+# output is joined once (data_to_send) or written where it lies (take_output, a writev).
+_GATHER_MIN: Final = 4096
 
 _HTTP1_METHODS: Final = (
     b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
@@ -161,6 +164,8 @@ class Connection:
         self.streams: dict[int, Stream] = {}
         self._recently_closed: dict[int, Closed] = {}
         self._out: list[bytes] = []
+        # Whether `_out` holds a payload queued apart from its header (_GATHER_MIN).
+        self.gathered = False
         self._inbuf = b""
         self._preface_pending = role is Role.SERVER
         self._settings_seen = False
@@ -242,7 +247,26 @@ class Connection:
         if not out:
             return b""
         self._out = []
+        self.gathered = False
         return out[0] if len(out) == 1 else b"".join(out)
+
+    def take_output(self) -> list[bytes]:
+        """The output as queued, for a transport that gathers (writelines: one writev), so
+        that big payloads are not copied into one buffer first."""
+        out = self._out
+        self._out = []
+        self.gathered = False
+        return out
+
+    def _append_data(self, sid: int, data: bytes, end_stream: bool) -> None:
+        n = len(data)
+        header = _pack_header((n << 8) | fr.DATA, fr.FLAG_END_STREAM if end_stream else 0, sid)
+        if n < _GATHER_MIN:
+            self._out.append(header + data)
+        else:
+            self._out.append(header)
+            self._out.append(data)
+            self.gathered = True
 
     def _send_control(self, frame: bytes) -> None:
         """Queue a frame the peer made us send; counted while the peer is not reading, so a
@@ -261,15 +285,37 @@ class Connection:
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Parse what arrived; return the events. Raises H2ConnectionError."""
-        buf = self._inbuf + data if self._inbuf else data
+        events: list[Event] = []
+        inbuf = self._inbuf
+        pos = 0
+        if not inbuf:
+            buf = data
+        elif self._preface_pending or len(inbuf) < 9:
+            buf = inbuf + data
+        else:
+            # The last read ended inside a frame: complete that frame, then parse the rest of
+            # this read where it lies. Joining the whole read to the leftover (up to 256 KiB
+            # behind 16 KiB) copied every byte of a stream of big frames once more.
+            need = 9 + ((inbuf[0] << 16) | (inbuf[1] << 8) | inbuf[2]) - len(inbuf)
+            if need < len(data):
+                self._inbuf = b""
+                self._parse_frames(inbuf + data[:need], 0, events)
+                buf = data
+                pos = need
+            else:
+                buf = inbuf + data
         if self._preface_pending:
             buf = self._check_preface(buf)
             if self._preface_pending:
                 self._inbuf = buf
                 return []
-        events: list[Event] = []
+        self._parse_frames(buf, pos, events)
+        return events
+
+    def _parse_frames(self, buf: bytes, pos: int, events: list[Event]) -> None:
+        """The frames of `buf` from `pos`; what is left of an incomplete frame waits in
+        `_inbuf` for the next read."""
         max_size = self.limits.max_frame_size
-        pos = 0
         end = len(buf)
         # Declared so that mypyc keeps the fields as C integers: left as unpack's Any, every
         # shift, mask and comparison below was a generic Python operation (about 2,000
@@ -338,7 +384,6 @@ class Connection:
                 self._receive_push_promise_frame(flags, stream_id, payload, events)
             # Unknown frame types are ignored (RFC 9113 4.1, 5.5).
         self._inbuf = buf[pos:] if pos < end else b""
-        return events
 
     def _check_preface(self, buf: bytes) -> bytes:
         n = min(len(buf), len(fr.PREFACE))
@@ -847,10 +892,7 @@ class Connection:
                 st.sent_data = True
             elif not end_stream:
                 return 0
-            self._out.append(
-                _pack_header((n << 8) | fr.DATA, fr.FLAG_END_STREAM if end_stream else 0, sid)
-                + data
-            )
+            self._append_data(sid, data, end_stream)
             if end_stream:
                 self._local_end(st)
             return n
@@ -920,7 +962,7 @@ class Connection:
             self._pings_since_data = 0
             st.sent_data = True
             last = not st.pending_len and st.pending_end and st.pending_trailers is None
-            self._out.append(fr.data(st.stream_id, chunk, last))
+            self._append_data(st.stream_id, chunk, last)
             if last:
                 self._local_end(st)
                 return sent
