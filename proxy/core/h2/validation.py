@@ -36,16 +36,20 @@ _good_names: set[bytes] = set()
 _good_values: set[bytes] = set()
 
 
+def _remember(known: set[bytes], item: bytes) -> None:
+    if len(known) >= _KNOWN_MAX:
+        known.clear()
+    if len(item) <= _KNOWN_VALUE_LEN_MAX:
+        known.add(item)
+
+
 def _name_ok(name: bytes) -> bool:
     """A regular field's name: token characters, lower case, not connection-specific."""
     if name in _good_names:
         return True
     if not name or _BAD_NAME(name) is not None or name in CONNECTION_SPECIFIC:
         return False
-    if len(_good_names) >= _KNOWN_MAX:
-        _good_names.clear()
-    if len(name) <= _KNOWN_VALUE_LEN_MAX:
-        _good_names.add(name)
+    _remember(_good_names, name)
     return True
 
 
@@ -55,10 +59,7 @@ def _value_ok(value: bytes) -> bool:
     # bytes.strip hands back the same length when there is nothing to strip: one C call.
     if _CONTROL(value) is not None or len(value.strip(b" \t")) != len(value):
         return False
-    if len(_good_values) >= _KNOWN_MAX:
-        _good_values.clear()
-    if len(value) <= _KNOWN_VALUE_LEN_MAX:
-        _good_values.add(value)
+    _remember(_good_values, value)
     return True
 
 
