@@ -23,6 +23,7 @@ gave it (`answered`): that feeds the stats, outlier detection and the access log
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
@@ -35,14 +36,14 @@ from proxy.core.grpc_status import (
     trailers,
     trailers_only,
 )
+from proxy.core.h2.connection import Connection
 from proxy.core.h2.errors import ErrorCode, error_code_name
 from proxy.core.h2.events import HeaderList
-from proxy.core.ports import BackendSide, CallRouter, ClientSide, Refusal
+from proxy.core.ports import BackendSide, CallRouter, ClientSide, ClientStreams, Refusal
 
 if TYPE_CHECKING:
     from proxy.core.buffers import ConnectionBuffer
     from proxy.core.endpoints import Endpoint, TargetPool
-    from proxy.core.h2.connection import Connection
     from proxy.core.waiting import WaitQueue
 
 
@@ -70,7 +71,9 @@ class Call:
         "bh2",
         "bsid",
         "buffer",
+        "ch2",
         "client",
+        "conn",
         "csid",
         "endpoint",
         "errors",
@@ -78,6 +81,7 @@ class Call:
         "granted_in",
         "headers",
         "holding",
+        "mark_client",
         "path",
         "phase",
         "replay",
@@ -112,6 +116,14 @@ class Call:
         router: CallRouter,
     ) -> None:
         self.client = client
+        # The client's streams, kept: reached through ClientSide each use would be a Python
+        # attribute lookup. `conn` is the same object when it is the codec (a native call,
+        # where through ClientStreams each is a Python method call); None for a gRPC-Web
+        # translator. `mark_client` is client.mark, bound once for the same reason.
+        self.ch2: ClientStreams = client.h2
+        ch2 = self.ch2
+        self.conn: Connection | None = ch2 if isinstance(ch2, Connection) else None
+        self.mark_client: Callable[[], None] = client.mark
         self.csid = stream_id
         self.headers = headers
         self.request_ended = end_stream
@@ -253,7 +265,7 @@ class Call:
             if self.replay_len > self.router.replay_limit:
                 self.replay = None  # too big to replay: a refusal now fails the call
                 self._release_replay()
-            elif self.buffer.hold(len(data), self.client.h2.queued):
+            elif self.buffer.hold(len(data), self._client_queued()):
                 self.replay.append(data)
                 self.replay_held += len(data)
             else:
@@ -270,29 +282,36 @@ class Call:
         """Request bytes left for the backend: the client may send that much more."""
         self.sent += length
         if self.sent > self.acked:
-            self.client.h2.ack_data(self.csid, self.sent - self.acked)
+            conn = self.conn
+            if conn is not None:
+                conn.ack_data(self.csid, self.sent - self.acked)
+            else:
+                self.ch2.ack_data(self.csid, self.sent - self.acked)
             self.acked = self.sent
-            self.client.mark()
+            self.mark_client()
 
     def on_response_headers(self, headers: HeaderList, end_stream: bool) -> None:
         self.phase = RESPONDING
         self.replay = None
         if self.replay_held:
             self._release_replay()
-        self.client.h2.send_headers(self.csid, headers, end_stream)
-        self.client.mark()
+        self._send_client_headers(headers, end_stream)
+        self.mark_client()
         if end_stream:  # trailers-only: the status is in these headers
             self._finish(grpc_status_of(headers), True)
 
     def on_response_data(self, data: bytes, end_stream: bool) -> None:
         self.response_bytes += len(data)
-        client = self.client
         if not self.granted and self.response_bytes > self.ask_after:
             self._ask_for_window()
-        flushed = client.h2.send_data(self.csid, data, end_stream)
+        conn = self.conn
+        if conn is not None:
+            flushed = conn.send_data(self.csid, data, end_stream)
+        else:
+            flushed = self.ch2.send_data(self.csid, data, end_stream)
         if flushed:
             self.on_client_flushed(flushed)
-        client.mark()
+        self.mark_client()
         if end_stream:
             # No trailers: gRPC clients fail such a call as INTERNAL.
             self._finish(INTERNAL, True)
@@ -304,7 +323,7 @@ class Call:
         if up is None or not self.bsid:
             return
         buffer = self.buffer
-        n = buffer.grant(buffer.want, self.client.h2.queued)
+        n = buffer.grant(buffer.want, self._client_queued())
         if n:
             self.granted = n
             up.h2.grant(self.bsid, n)
@@ -312,13 +331,12 @@ class Call:
 
     def _ask_for_request_window(self) -> None:
         """A request longer than half the base window: grow the client stream's window."""
-        client = self.client
         buffer = self.buffer
-        n = buffer.grant(buffer.want, client.h2.queued)
+        n = buffer.grant(buffer.want, self._client_queued())
         if n:
             self.granted_in = n
-            client.h2.grant(self.csid, n)
-            client.mark()
+            self.ch2.grant(self.csid, n)
+            self.mark_client()
 
     def _release_window(self) -> None:
         """The backend stream is over: its grant goes back to the budget."""
@@ -338,9 +356,20 @@ class Call:
             self.buffer.release(self.granted_in)
             self.granted_in = 0
 
+    def _send_client_headers(self, headers: HeaderList, end_stream: bool) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.send_headers(self.csid, headers, end_stream)
+        else:
+            self.ch2.send_headers(self.csid, headers, end_stream)
+
+    def _client_queued(self) -> int:
+        conn = self.conn
+        return conn.queued if conn is not None else self.ch2.queued
+
     def on_response_trailers(self, headers: HeaderList) -> None:
-        self.client.h2.send_headers(self.csid, headers, True)
-        self.client.mark()
+        self._send_client_headers(headers, True)
+        self.mark_client()
         self._finish(grpc_status_of(headers), True)
 
     def on_backend_reset(self, code: int, remote: bool) -> None:
@@ -410,12 +439,11 @@ class Call:
         """End the call with a gRPC error of the proxy's own, and let the backend stream go."""
         if self.phase == DONE:
             return
-        h2 = self.client.h2
         if self.phase == RESPONDING:
-            h2.send_headers(self.csid, trailers(status, message), True)
+            self._send_client_headers(trailers(status, message), True)
         else:
-            h2.send_headers(self.csid, trailers_only(status, message), True)
-        self.client.mark()
+            self._send_client_headers(trailers_only(status, message), True)
+        self.mark_client()
         if self.waiting is not None:  # ended while waiting for a stream: out of the queue
             self.waiting.withdraw(self)
         up = self.upstream

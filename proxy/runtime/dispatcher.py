@@ -98,6 +98,10 @@ class Dispatcher:
         # Services that only some client identities may call (empty: no such rule).
         self.allowed: dict[str, frozenset[str]] = {}
         self.stats = CallStats()
+        # Calls ended this loop turn, accounted after its writes (see call_ended).
+        self._flusher = flusher
+        self._ended: list[tuple[Call, int, bool]] = []
+        self._account_cb = self._account_ended
         # Every pool listened to: those of the first router, then those reloads brought. A
         # listener is never removed; one left on a pool no longer routed to is harmless.
         self._subscribed_pools: set[TargetPool] = set()
@@ -210,7 +214,25 @@ class Dispatcher:
             self.outliers.failed(address, pools)
 
     def call_ended(self, call: Call, status: int, answered: bool) -> None:
-        duration = perf_counter() - call.started_at
+        """What the next pick weighs is released now: the call's place in flight and in the
+        retry budget. The rest (stats, outlier detection, the access log) waits for the end of
+        the loop turn, after the writes: the client's last bytes are not held back by it (a
+        serial call's latency), and the call's duration then includes writing them."""
+        self.release(call)
+        if call.retry_slot:
+            self.budget.release()
+        if not self._ended:
+            self._flusher.after_writes(self._account_cb)
+        self._ended.append((call, status, answered))
+
+    def _account_ended(self) -> None:
+        ended, self._ended = self._ended, []
+        now = perf_counter()
+        for call, status, answered in ended:
+            self._account(call, status, answered, now)
+
+    def _account(self, call: Call, status: int, answered: bool, now: float) -> None:
+        duration = now - call.started_at
         endpoint = call.endpoint
         row = call.stats_row
         if endpoint is None:
@@ -218,21 +240,11 @@ class Dispatcher:
             row = self.stats.call_started(call.path, backend)  # refused before any backend
         else:
             backend = endpoint.address
-            if call.holding:
-                call.holding = False
-                inflight = self.inflight
-                left = inflight[backend] - 1
-                if left:
-                    inflight[backend] = left
-                else:
-                    del inflight[backend]
             if answered:
                 if status == UNAVAILABLE:
                     self.backend_failed(backend)
                 elif self.outliers.failures:
                     self.outliers.succeeded(backend)
-        if call.retry_slot:
-            self.budget.release()
         if call.attempts > 1:  # retried: the row is that of the backend it ended on
             row = None
         if row is not None and 0 <= status <= MAX_STATUS:

@@ -275,7 +275,10 @@ class Downstream(H2Protocol):
 
     def call_finished(self, stream_id: int) -> None:
         calls = self.calls
-        calls.pop(stream_id, None)
+        try:  # noqa: SIM105 (compiled, pop(sid, None) and suppress are Python calls)
+            del calls[stream_id]
+        except KeyError:
+            pass
         if not calls:
             self.idle_since = self.listener.loop.time()
         if self.draining:

@@ -9,7 +9,10 @@ turns many small writes (syscalls) into few larger ones.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
+
+from proxy.runtime.protocol import H2Protocol
 
 
 class Writer(Protocol):
@@ -26,6 +29,11 @@ class Flusher:
         self._loop = loop
         self._dirty: list[Writer] = []
         self._scheduled = False
+        # Bound once: compiled, `self._loop.call_soon(self._run)` looks the method up by name
+        # and makes a new bound method on every turn.
+        self._call_soon: Callable[[Callable[[], None]], object] = loop.call_soon
+        self._run_cb: Callable[[], None] = self._run
+        self._after: list[Callable[[], None]] = []  # see after_writes
 
     def mark(self, writer: Writer) -> None:
         """Write `writer` at the end of this loop turn. Called once per turn and writer: the
@@ -33,10 +41,26 @@ class Flusher:
         self._dirty.append(writer)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._run)
+            self._call_soon(self._run_cb)
+
+    def after_writes(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once at the end of this loop turn, after the writers are written: for
+        work that no peer has to wait for, such as a finished call's stats and access log
+        line. Done before the writes, that work delays the bytes that end the call."""
+        self._after.append(fn)
+        if not self._scheduled:
+            self._scheduled = True
+            self._call_soon(self._run_cb)
 
     def _run(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
         for writer in dirty:
-            writer.flush()
+            if isinstance(writer, H2Protocol):
+                writer.flush()  # compiled: a native call (through Writer, a Python one)
+            else:
+                writer.flush()
+        if self._after:
+            after, self._after = self._after, []
+            for fn in after:
+                fn()

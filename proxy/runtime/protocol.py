@@ -4,10 +4,13 @@ writes and transport backpressure."""
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from proxy.core.h2.connection import Connection
 from proxy.core.h2.events import DataFlushed, Event
-from proxy.runtime.flusher import Flusher
+
+if TYPE_CHECKING:  # flusher imports this module (to call flush natively)
+    from proxy.runtime.flusher import Flusher
 
 
 class H2Protocol(asyncio.Protocol):

@@ -165,8 +165,11 @@ class BackendConnection(H2Protocol):
             self.owner.stream_finished(self)
 
     def _end_stream(self, sid: int) -> None:
-        self.calls.pop(sid, None)
-        if sid in self.h2.streams:
+        try:  # noqa: SIM105 (compiled, pop(sid, None) and suppress are Python calls)
+            del self.calls[sid]
+        except KeyError:
+            pass
+        if self.h2.is_open(sid):
             # The response ended before the request: the rest of the request is unwanted.
             self.h2.reset_stream(sid, ErrorCode.CANCEL)
         self.owner.stream_finished(self)
