@@ -127,6 +127,28 @@ def test_decoder_size_update_then_same_block() -> None:
     assert ref.decode(INDEX_62) == [(b"x-b", b"2")]
 
 
+def test_decoder_last_two_blocks_are_answered_at_their_generation_only() -> None:
+    """The two blocks decoded last are answered before the cache (a backend alternates its
+    response headers and trailers); the same bytes after a table change are decoded anew."""
+    ref = Reference()
+    ref.decode(literal_indexed(b"x-a", b"1"))  # table: x-a
+    ref.decode(literal_indexed(b"x-b", b"2"))  # table: x-b, x-a
+    newest, older = INDEX_62, b"\xbf"
+    first, second = ref.cached.decode(newest), ref.cached.decode(older)
+    assert as_pairs(first) == [(b"x-b", b"2")] and as_pairs(second) == [(b"x-a", b"1")]
+    ref.plain.decode(newest, raw=True), ref.plain.decode(older, raw=True)
+    ref.cached._cache.clear()  # what answers now is the last-two check alone
+    for _ in range(3):
+        assert ref.cached.decode(newest) is first
+        assert ref.cached.decode(older) is second
+    # After a table change the same bytes mean other fields, whichever entry they match.
+    ref.decode(literal_indexed(b"x-c", b"3"))  # table: x-c, x-b, x-a
+    assert ref.decode(newest) == [(b"x-c", b"3")]  # matches the older entry's bytes
+    assert ref.decode(older) == [(b"x-b", b"2")]
+    ref.decode(literal_indexed(b"x-d", b"4"))  # table: x-d, x-c, x-b, x-a
+    assert ref.decode(older) == [(b"x-c", b"3")]  # matches the newer entry's bytes
+
+
 def test_decoder_cache_through_the_connection() -> None:
     """The same byte-identical HEADERS block on two streams must decode differently when the
     table changed in between without changing length."""
@@ -198,6 +220,25 @@ def test_encoder_full_default_table_rotating_entries() -> None:
         ref.encode([(b"y-%03d" % i, value)])  # one more in, one more out
         assert len(ref.cached._table.dynamic_entries) == 64
         assert ref.encode(field) == b"\xbf"  # second newest; a length-keyed cache says 62
+
+
+def test_encoder_last_two_lists_are_answered_at_their_generation_only() -> None:
+    """The two lists encoded last (the very same objects) are answered first, and not once
+    the table changed under them."""
+    ref = EncoderReference()
+    a, b = [(b"x-a", b"1")], [(b"x-b", b"2")]
+    ref.encode(a), ref.encode(b)  # inserted: table x-b, x-a
+    block_a, block_b = ref.encode(a), ref.encode(b)
+    assert (block_a, block_b) == (b"\xbf", INDEX_62)
+    ref.cached._by_identity.clear()  # what answers now is the last-two check alone
+    for _ in range(3):
+        assert ref.encode(a) == block_a and ref.encode(b) == block_b
+    # After a table change the same list is encoded anew, whichever entry holds it.
+    ref.encode([(b"x-c", b"3")])  # table: x-c, x-b, x-a
+    assert ref.encode(a) == bytes([0x80 | 64])  # held by the older entry
+    assert ref.encode(b) == b"\xbf"
+    ref.encode([(b"x-d", b"4")])  # table: x-d, x-c, x-b, x-a
+    assert ref.encode(b) == bytes([0x80 | 64])  # held by the newer entry
 
 
 def test_encoder_table_size_changes_are_signalled() -> None:
