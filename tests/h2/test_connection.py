@@ -1634,7 +1634,17 @@ def test_recently_closed_streams_stay_bounded() -> None:
     bad = peer.block([*REQUEST, (b"X-Upper", b"1")])  # all indexed from now on
     assert peer.feed(b"".join(fr.headers(sid, bad) for sid in range(3, 20_001, 2))) == []
     assert peer.out() == [rst(sid, ErrorCode.PROTOCOL_ERROR) for sid in range(1, 20_001, 2)]
-    assert len(peer.conn._recently_closed) <= _RECENTLY_CLOSED_MAX
+    remembered = len(peer.conn._recently_closed) + len(peer.conn._closed_before)
+    assert 0 < remembered <= _RECENTLY_CLOSED_MAX
+    # The latest are still known as reset by us (their late frames are ignored); the first,
+    # forgotten, is a closed stream like any other.
+    newest, older = 19_999, 19_999 - 2 * 300  # the second in the older generation
+    assert older in peer.conn._closed_before
+    for sid in (newest, older):
+        assert peer.feed(fr.data(sid, b"late")) == []
+        assert peer.out() == []
+    assert peer.feed(fr.data(1, b"late")) == []
+    assert peer.out() == [rst(1, ErrorCode.STREAM_CLOSED)]
 
 
 def test_malformed_priority_frames_count_toward_the_flood_limit() -> None:

@@ -369,6 +369,49 @@ def test_grpc_timeout_is_a_literal_that_leaves_the_table_and_the_cache_alone() -
     assert all(name != b"grpc-timeout" for name, _ in far.header_table.dynamic_entries)
 
 
+def test_requests_with_a_deadline_reuse_the_block_of_their_other_fields_while_it_holds() -> None:
+    """The fields other than the volatile ones, the same objects at the same generation, get
+    the block encoded last; other objects, other contents or a changed table do not."""
+    enc = CachingEncoder()
+    far = Decoder(max_header_list_size=1 << 20)
+
+    def check(headers: list) -> bytes:
+        block = enc.encode(headers)
+        assert as_pairs(far.decode(block, raw=True)) == volatile_last(headers, {b"grpc-timeout"})
+        return block
+
+    def request(i: int, *fields: tuple[bytes, bytes]) -> list:
+        return [*GRPC_REQUEST[:4], (b"grpc-timeout", b"%dm" % i), *fields, *GRPC_REQUEST[4:]]
+
+    check(request(1))  # inserts the fields
+    first = check(request(2))
+    assert check(request(3))[:-3] == first[:-3]  # the same head, a new deadline at the end
+    twin = (b"user-agent", b"grpc-go/" + b"1.34.0")  # equal, not the same object
+    check([*GRPC_REQUEST[:4], (b"grpc-timeout", b"4m"), twin, GRPC_REQUEST[5]])
+    check([*GRPC_REQUEST[:4], (b"grpc-timeout", b"5m"), (b"user-agent", b"other/1")])
+    check(request(6))
+    check(request(7, (b"x-new", b"1")))  # inserted: the table changed under the last block
+    check(request(8))
+    check(request(9))
+
+
+def test_twins_stay_apart_behind_a_volatile_field() -> None:
+    """A list with a never-indexed field bypasses the caches, wherever the field stands: the
+    cache once stopped looking at the first volatile field, and kept the sensitive list's
+    block under the key of its indexable twin, which then went out never-indexed."""
+    enc = CachingEncoder()
+    far = Decoder(max_header_list_size=1 << 20)
+    token = (b"x-token", b"secret")
+    for headers in (GRPC_REQUEST, GRPC_REQUEST):  # its fields in the table, then cached
+        far.decode(enc.encode(list(headers)), raw=True)
+    sensitive = [*GRPC_REQUEST, (b"grpc-timeout", b"1m"), NeverIndexedHeaderTuple(*token)]
+    far.decode(enc.encode(sensitive), raw=True)
+    plain = [*GRPC_REQUEST, (b"grpc-timeout", b"2m"), token]
+    decoded = {bytes(h[0]): h for h in far.decode(enc.encode(plain), raw=True)}
+    assert bytes(decoded[b"x-token"][1]) == b"secret"
+    assert decoded[b"x-token"].indexable  # hpack's own choice: indexed from now on
+
+
 def test_a_name_with_many_values_becomes_volatile_and_a_few_alternating_ones_do_not() -> None:
     enc = CachingEncoder()
     far = Decoder(max_header_list_size=1 << 20)

@@ -238,6 +238,10 @@ class CachingEncoder:
         self._list_b: HeaderList | None = None
         self._gen_a = self._gen_b = -1
         self._block_a = self._block_b = b""
+        # The last list with volatile fields: its other fields, and their block (see _encode).
+        self._rest_fields: list[Any] = []
+        self._rest_gen = -1
+        self._rest_block = b""
         self.volatile: set[bytes] = set(KNOWN_VOLATILE)
         self._values: dict[bytes, set[bytes]] = {}  # name -> values seen, until volatile
 
@@ -281,36 +285,60 @@ class CachingEncoder:
         # Looked at as objects: compiled, a `tuple[bytes, bytes]` variable is a C struct, and
         # binding an element to one would unbox it and forget its class (the flag with it).
         fields: list[Any] = headers
-        for header in fields:
+        rest: list[Any] | None = None  # the fields but the volatile ones, once one is seen
+        for i, header in enumerate(fields):
             # A plain tuple (what the lean decoder and the relay build) has no flag: getattr's
             # default would cost a raised and caught AttributeError, some 4,000 instructions
-            # a field under callgrind, on every cache miss.
+            # a field under callgrind, on every cache miss. Every field is looked at, those
+            # after a volatile one too: a sensitive field must stay never-indexed.
             if type(header) is not tuple and not getattr(header, "indexable", True):
                 return bytes(self._encoder.encode(headers, huffman=True)), False
             if header[0] in volatile:
-                tail = b"".join(literal_without_indexing(n, v) for n, v in headers if n in volatile)
-                headers = [h for h in headers if h[0] not in volatile]
-                break
-        key = (self._table.generation, tuple(headers))
+                if rest is None:
+                    rest = fields[:i]
+                tail += literal_without_indexing(header[0], header[1])
+            elif rest is not None:
+                rest.append(header)
+        gen: int = self._table.generation
+        if rest is not None:
+            # The same other fields as the last list with a volatile one, the very same
+            # objects (the decoder hands out its table's own tuples): the same block, with no
+            # key tuple to build and hash (the usual request of a gRPC client that sends a
+            # deadline: only grpc-timeout changes).
+            last = self._rest_fields
+            if gen == self._rest_gen and len(rest) == len(last):
+                same = True
+                for j in range(len(rest)):
+                    if rest[j] is not last[j]:
+                        same = False
+                        break
+                if same:
+                    return self._rest_block + tail, True
+            headers = rest
+        key = (gen, tuple(headers))
+        block: bytes
         hit = self._cache.get(key)
         if hit is not None:
-            return hit + tail if tail else hit, True
-        self._learn(headers)
-        resized = self._table.resized
-        block: bytes = self._encoder.encode(headers, huffman=True)
-        if self._table.generation == key[0] and not resized and len(block) <= _BLOCK_MAX:
+            block = hit
+        else:
+            self._learn(headers)
+            resized = self._table.resized
+            block = self._encoder.encode(headers, huffman=True)
+            if self._table.generation != gen or resized or len(block) > _BLOCK_MAX:
+                return block + tail if tail else block, False
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = block
-            return block + tail if tail else block, True
-        return block + tail if tail else block, False
+        if rest is not None:
+            self._rest_fields, self._rest_gen, self._rest_block = rest, gen, block
+        return block + tail if tail else block, True
 
     def _learn(self, headers: HeaderList) -> None:
         """Count the values of each regular field name (on cache misses only: a name that
         keeps missing the cache is what this looks for); past _DISTINCT_MAX, volatile."""
         values = self._values
         for name, value in headers:
-            if name[:1] == b":":
+            if name.startswith(b":"):
                 continue  # pseudo-headers go first, in the cached part, always
             seen = values.get(name)
             if seen is None:

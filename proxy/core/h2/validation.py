@@ -69,7 +69,7 @@ def validate_request(headers: HeaderList) -> int | None:
     regular = False
     length = -1
     for name, value in headers:
-        if name[:1] == b":":
+        if name.startswith(b":"):
             if regular or name not in _REQUEST_PSEUDO or name in seen:
                 return None
             seen.add(name)
@@ -94,7 +94,7 @@ def validate_response(headers: HeaderList) -> str | None:
     if not headers or headers[0][0] != b":status":
         return "response without :status first"
     for name, _ in headers[1:]:
-        if name[:1] == b":" or name in CONNECTION_SPECIFIC:
+        if name.startswith(b":") or name in CONNECTION_SPECIFIC:
             return f"bad response header {name!r}"
     return None
 
