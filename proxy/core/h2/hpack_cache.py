@@ -72,7 +72,9 @@ def literal_without_indexing(name: bytes, value: bytes) -> bytes:
     return b"\x00" + _string(name) + _string(value)
 
 
-_STATIC: Final = HeaderTable.STATIC_TABLE  # index 1 is _STATIC[0]
+# Index 1 is _STATIC[0]. Declared a tuple of any length: typed as hpack's literal of 61
+# fields, compiled, each lookup by a computed index was a generic Python one.
+_STATIC: Final[tuple[tuple[bytes, bytes], ...]] = HeaderTable.STATIC_TABLE
 _STATIC_LEN: Final = len(_STATIC)
 _INT_BYTES_MAX: Final = 4  # continuation bytes of an integer we decode (2^28): more, hpack's
 
