@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 class ClientStreams(Protocol):
     """What a call does on its client's side: the methods of the server-role codec
     (`proxy.core.h2.connection.Connection`) that it uses. A gRPC-Web call gets a translator
-    with the same methods instead (proxy/core/web_call.py), so `Call` needs no branch."""
+    with the same methods instead (proxy/core/web_call.py). `Call` calls the codec directly
+    when it is one (`Call.conn`: compiled, a native call), and this protocol otherwise."""
 
     @property
     def queued(self) -> int:
