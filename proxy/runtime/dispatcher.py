@@ -354,4 +354,8 @@ class Dispatcher:
         self.target_tls = per_target
 
     async def close(self) -> None:
+        # Calls ended in this loop turn are accounted (and logged) even if the loop stops
+        # before the flusher runs again.
+        self._account_ended()
         await self.pool.close()
+        self._account_ended()

@@ -23,7 +23,7 @@ from lifecycle_support import (
     wait_for_goaways,
     wait_for_log,
 )
-from proxy_process import proxy_output, start_proxy
+from proxy_process import log_events, proxy_output, start_proxy
 
 from proxy.core.h2 import frames as fr
 from proxy.core.h2.errors import ErrorCode
@@ -151,6 +151,10 @@ def test_drain_timeout_ends_the_call_with_unavailable(echo_backends: EchoBackend
         assert exit_code(proc, 15) == 0
         # The backend was told too: its call was cancelled, not left to run.
         assert backend.wait_for_cancelled(1, timeout=10)
+        # Its access log line was written before the exit (accounting waits for the end of
+        # a loop turn: the shutdown must not drop it).
+        statuses = [line["grpc_status"] for line in log_events(proc, "call")]
+        assert statuses == [grpc.StatusCode.UNAVAILABLE.value[0]], proxy_output(proc)
 
 
 def test_response_stuck_behind_flow_control_is_reset_at_the_timeout(
