@@ -40,8 +40,7 @@ class Flusher:
         writer calls it only when it was not dirty yet."""
         self._dirty.append(writer)
         if not self._scheduled:
-            self._scheduled = True
-            self._call_soon(self._run_cb)
+            self._schedule()
 
     def after_writes(self, fn: Callable[[], None]) -> None:
         """Run `fn` once at the end of this loop turn, after the writers are written: for
@@ -49,8 +48,11 @@ class Flusher:
         line. Done before the writes, that work delays the bytes that end the call."""
         self._after.append(fn)
         if not self._scheduled:
-            self._scheduled = True
-            self._call_soon(self._run_cb)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        self._call_soon(self._run_cb)
 
     def _run(self) -> None:
         self._scheduled = False
