@@ -282,11 +282,7 @@ class Call:
         """Request bytes left for the backend: the client may send that much more."""
         self.sent += length
         if self.sent > self.acked:
-            conn = self.conn
-            if conn is not None:
-                conn.ack_data(self.csid, self.sent - self.acked)
-            else:
-                self.ch2.ack_data(self.csid, self.sent - self.acked)
+            self._ack_client(self.sent - self.acked)
             self.acked = self.sent
             self.mark_client()
 
@@ -304,11 +300,7 @@ class Call:
         self.response_bytes += len(data)
         if not self.granted and self.response_bytes > self.ask_after:
             self._ask_for_window()
-        conn = self.conn
-        if conn is not None:
-            flushed = conn.send_data(self.csid, data, end_stream)
-        else:
-            flushed = self.ch2.send_data(self.csid, data, end_stream)
+        flushed = self._send_client_data(data, end_stream)
         if flushed:
             self.on_client_flushed(flushed)
         self.mark_client()
@@ -356,12 +348,27 @@ class Call:
             self.buffer.release(self.granted_in)
             self.granted_in = 0
 
+    # The client's streams: through `conn` when they are the codec (see __init__).
+
     def _send_client_headers(self, headers: HeaderList, end_stream: bool) -> None:
         conn = self.conn
         if conn is not None:
             conn.send_headers(self.csid, headers, end_stream)
         else:
             self.ch2.send_headers(self.csid, headers, end_stream)
+
+    def _send_client_data(self, data: bytes, end_stream: bool) -> int:
+        conn = self.conn
+        if conn is not None:
+            return conn.send_data(self.csid, data, end_stream)
+        return self.ch2.send_data(self.csid, data, end_stream)
+
+    def _ack_client(self, length: int) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.ack_data(self.csid, length)
+        else:
+            self.ch2.ack_data(self.csid, length)
 
     def _client_queued(self) -> int:
         conn = self.conn

@@ -266,19 +266,20 @@ class CachingEncoder:
         if seen is not None and seen[0] is headers and seen[1] == gen:
             block = seen[2]
         else:
-            block, replayable = self._encode(headers)
+            block, replayable = self._encode(headers, gen)
             if not replayable:
                 return block
             if len(self._by_identity) >= _CACHE_MAX:
                 self._by_identity.clear()
-            self._by_identity[id(headers)] = (headers, self._table.generation, block)
+            self._by_identity[id(headers)] = (headers, gen, block)  # the table is as it was
         self._list_b, self._gen_b, self._block_b = self._list_a, self._gen_a, self._block_a
-        self._list_a, self._gen_a, self._block_a = headers, self._table.generation, block
+        self._list_a, self._gen_a, self._block_a = headers, gen, block
         return block
 
-    def _encode(self, headers: HeaderList) -> tuple[bytes, bool]:
-        """The block, and whether encoding left the table as it was (only then may the same
-        headers at the same generation be answered with this block again)."""
+    def _encode(self, headers: HeaderList, gen: int) -> tuple[bytes, bool]:
+        """The block, and whether encoding left the table as it was at generation `gen`
+        (only then may the same headers at that generation be answered with this block
+        again)."""
         # Tuple equality ignores the NeverIndexedHeaderTuple subclass, so a list with a
         # never-indexed field would share a key with its indexable twin: such lists (rare:
         # sensitive values) bypass the caches both ways.
@@ -301,7 +302,6 @@ class CachingEncoder:
                 tail += literal_without_indexing(header[0], header[1])
             elif rest is not None:
                 rest.append(header)
-        gen: int = self._table.generation
         if rest is not None:
             # The same other fields as the last list with a volatile one, the very same
             # objects (the decoder hands out its table's own tuples): the same block, with no
